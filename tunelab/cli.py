@@ -1,0 +1,120 @@
+"""The `tunelab` command. Thin: parse arguments, load the recipe, call the stage.
+
+Heavy imports (torch, transformers) happen inside the commands so `tunelab --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunelab.errors import TunelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pretrain, adapt, evaluate and compare language models; every run is a self-describing directory.")
+
+SET_HELP = "Override a recipe value by dotted path, e.g. --set train.max_steps=100 (value parsed as YAML)."
+DEFAULT_EVAL = ["builtin:prose", "builtin:code", "builtin:tests"]
+
+
+@app.command()
+def pretrain(recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
+             set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+             out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe name>)."),
+             resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint."),
+             quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines.")):
+    """Train a model from a recipe (pretraining, continued pretraining, full or bitfit fine-tuning)."""
+    from tunelab.config import load_recipe
+    from tunelab.pretrain import pretrain as run_pretrain
+
+    cfg = load_recipe(recipe, set_)
+    run_pretrain(cfg, out=out, resume=resume, quiet=quiet)
+
+
+@app.command("eval")
+def eval_(model_dir: str = typer.Argument(..., help="A saved model directory (e.g. runs/NAME/final)."),
+          data: list[str] = typer.Option([], "--data", help="Source to evaluate (repeatable); default: all built-in domains."),
+          seq_len: int = typer.Option(256, "--seq-len"),
+          max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens per domain."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+          quiet: bool = typer.Option(False, "--quiet")):
+    """Held-out loss, perplexity and bits per byte of a model on each data domain."""
+    from tunelab.evaluate import evaluate_model
+
+    results = evaluate_model(model_dir, data or DEFAULT_EVAL, seq_len=seq_len, max_tokens=max_tokens,
+                             log=(lambda *a: None) if (quiet or as_json) else _stderr)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"eval: {model_dir}")
+    for col in ("domain", "loss", "ppl", "bits/byte", "tokens"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for domain, r in results.items():
+        table.add_row(domain, f"{r['loss']:.4f}", f"{r['ppl']:.2f}", f"{r['bpb']:.4f}" if r["bpb"] else "-",
+                      f"{r['tokens']:,}")
+    Console().print(table)
+
+
+@app.command()
+def generate(model_dir: str = typer.Argument(..., help="A saved model directory."),
+             prompt: str = typer.Option(..., "--prompt"),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+             greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
+             temperature: float = typer.Option(0.8, "--temperature", min=0.01),
+             top_k: int = typer.Option(50, "--top-k", min=0),
+             seed: int = typer.Option(0, "--seed")):
+    """Continue a prompt with a saved model."""
+    from tunelab.evaluate import generate_text
+
+    print(generate_text(model_dir, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+                        top_k=top_k, seed=seed))
+
+
+@app.command()
+def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run directory."),
+               set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+               quiet: bool = typer.Option(False, "--quiet")):
+    """The whole loop on the built-in corpus, offline: tokenizer, pretraining, eval on every domain, a sample."""
+    from tunelab.quickstart import run_quickstart
+
+    run_quickstart(out, set_, quiet=quiet)
+
+
+@app.command("run")
+def run_pipeline(pipeline: Path = typer.Argument(..., help="Pipeline YAML: a list of stages."),
+                 out: Optional[Path] = typer.Option(None, "--out", help="Where stage outputs go (default runs/<name>)."),
+                 quiet: bool = typer.Option(False, "--quiet")):
+    """Run a pipeline's stages in order, skipping those already done with the same resolved config."""
+    from tunelab.pipeline import run_pipeline as run
+
+    run(pipeline, out=out, quiet=quiet)
+
+
+def _stderr(*parts) -> None:
+    print(*parts, file=sys.stderr)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TunelabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        raise exc
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

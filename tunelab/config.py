@@ -1,0 +1,272 @@
+"""Recipe schema: every section of a YAML recipe, with its defaults, validated before any work.
+
+This is the only place defaults live. A key in YAML maps 1:1 to a field here; grep the field
+name to find the line that uses it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunelab.errors import ConfigError
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (typos must not silently fall back to defaults).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    preset: str | None = "llama-tiny"  # a name from models.PRESETS, used when `path` is unset
+    path: str | None = None  # local directory or hub id of a pretrained model to start from
+    overrides: dict[str, Any] = Field(default_factory=dict)  # HF config fields changed on a preset
+    attn_implementation: str = "sdpa"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if self.path is None and self.preset is None:
+            raise ValueError("set model.preset (a tiny architecture) or model.path (a saved model)")
+        return self
+
+
+class TokenizerConfig(Section):
+    path: str | None = None  # load from here; unset: the model's own tokenizer, or train one
+    vocab_size: int = Field(4096, ge=300)  # byte-level BPE: 256 bytes + specials + merges
+    train_bytes: int = Field(8_000_000, gt=0)  # how much of the training text the BPE sees
+    min_frequency: int = Field(2, ge=1)
+
+
+class SourceSpec(Section):
+    source: str  # builtin:prose|code|tests, a .txt/.jsonl/.parquet file, a folder, or hf:<dir>
+    weight: float = Field(1.0, gt=0)
+    name: str | None = None  # domain name in metrics; default derived from the source
+    text_field: str = "text"  # jsonl / parquet / HF datasets column holding the text
+    split: str = "train"  # HF datasets split
+
+    @property
+    def domain(self) -> str:
+        if self.name:
+            return self.name
+        if self.source.startswith("builtin:"):
+            return self.source.split(":", 1)[1]
+        return Path(self.source.removeprefix("hf:").rstrip("/")).stem or self.source
+
+
+def _as_source_list(value: Any) -> Any:
+    # `data.train=PATH` on the command line gives a bare string: one source, weight 1.
+    if isinstance(value, str):
+        return [{"source": value}]
+    if isinstance(value, list):
+        return [{"source": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class DataConfig(Section):
+    train: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(source="builtin:prose")])
+    # Extra eval-only domains; each training source's held-out split is always evaluated too.
+    eval: list[SourceSpec] = Field(default_factory=list)
+    seq_len: int = Field(256, ge=8)
+    # concat: documents joined with EOS, attention crosses boundaries (classic GPT packing).
+    # document: same packing, but position ids restart per document so attention stays inside it.
+    packing: Literal["concat", "document"] = "concat"
+    eval_fraction: float = Field(0.02, gt=0, lt=0.5)
+    cache_dir: str | None = None  # default: $TUNELAB_CACHE or ~/.cache/tunelab
+
+    _to_list = field_validator("train", "eval", mode="before")(_as_source_list)
+
+    @field_validator("train")
+    @classmethod
+    def _not_empty(cls, v: list[SourceSpec]) -> list[SourceSpec]:
+        if not v:
+            raise ValueError("needs at least one source")
+        return v
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "linear", "cosine", "wsd", "inverse_sqrt"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # floor of the decay, as a fraction of lr
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+
+
+class TrainConfig(Section):
+    objective: Literal["clm", "mlm"] = "clm"
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    max_steps: int = Field(100, ge=1)
+    micro_batch_size: int = Field(8, ge=1)  # sequences per forward pass, per process
+    grad_accum: int = Field(1, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.1, ge=0)
+    momentum: float = Field(0.9, ge=0)  # sgd only
+    grad_clip: float | None = Field(1.0, gt=0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    eval_max_tokens: int = Field(32768, ge=1)  # per domain, per evaluation during training
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class MethodConfig(Section):
+    name: str = "full"  # a key of methods.METHODS
+    options: dict[str, Any] = Field(default_factory=dict)  # method-specific, validated by the method
+
+
+class RecipeConfig(Section):
+    kind: Literal["pretrain"] = "pretrain"
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RecipeConfig":
+        from tunelab.methods import METHODS
+
+        if self.method.name not in METHODS:
+            hint = _did_you_mean(self.method.name, METHODS)
+            raise ValueError(f"method.name: unknown method {self.method.name!r}{hint}")
+        return self
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(path[:i])} is not a section")
+            node = node.setdefault(part, {})
+            if node is None:
+                node = {}
+        last = path[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"--set {text!r}: {'.'.join(path[:-1])} is not a section")
+    return data
+
+
+def _model_at(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (for did-you-mean hints)."""
+    cls: Any = root
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ()) or ()
+        candidates = [ann, *args]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        cls = nxt
+    return cls
+
+
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        owner = _model_at(loc, root)
+        hint = _did_you_mean(loc[-1], owner.model_fields) if owner else ""
+        msg = f"unknown key{hint}"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+            msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    tail = f" [+{more} more]" if more else ""
+    return f"{source}: {path}: {msg}{tail}"
+
+
+def validate(data: dict, source: str, cls: type[BaseModel] = RecipeConfig):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, cls)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: recipe not found (give a path to a YAML file or a shipped recipe name)")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
+    return data
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a shipped recipe (`quickstart`)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"{name_or_path}: no such recipe file{_did_you_mean(p.stem, names)}; shipped: {', '.join(names)}")
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    path = resolve_recipe_path(name_or_path)
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    return validate(data, str(path))
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

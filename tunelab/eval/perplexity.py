@@ -1,0 +1,94 @@
+"""Per-domain held-out loss, perplexity and bits per byte.
+
+Bits per byte = total next-token loss in bits / UTF-8 bytes of the predicted text. Unlike
+perplexity it does not depend on the tokenizer, so models with different vocabularies compare.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Bytes behind each token of a byte-level BPE: every character of the token string is one byte.
+_BYTE_LEVEL_ALPHABET: set[str] | None = None
+
+
+def _byte_level_alphabet() -> set[str]:
+    global _BYTE_LEVEL_ALPHABET
+    if _BYTE_LEVEL_ALPHABET is None:
+        from tokenizers import pre_tokenizers
+
+        _BYTE_LEVEL_ALPHABET = set(pre_tokenizers.ByteLevel.alphabet())
+    return _BYTE_LEVEL_ALPHABET
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 byte count of each token id; 0 for special tokens.
+
+    Exact for byte-level BPE; for other tokenizers, the length of the decoded token.
+    """
+    alphabet = _byte_level_alphabet()
+    special = set(tokenizer.all_special_ids)
+    size = len(tokenizer)
+    lengths = np.zeros(size, dtype=np.int64)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+    for i, tok in enumerate(tokens):
+        if i in special or tok is None:
+            continue
+        if all(ch in alphabet for ch in tok):
+            lengths[i] = len(tok)
+        else:
+            lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
+    return lengths
+
+
+def window_indices(n_windows: int, max_windows: int) -> np.ndarray:
+    """Evenly spread windows over the split, so a capped evaluation still sees all of it."""
+    if n_windows <= max_windows:
+        return np.arange(n_windows)
+    return np.unique(np.linspace(0, n_windows - 1, max_windows).round().astype(np.int64))
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, *, eos_id: int, document_mask: bool,
+                    byte_lengths: np.ndarray | None, max_tokens: int | None = None, batch_size: int = 8,
+                    device: torch.device = torch.device("cpu"), autocast_dtype: torch.dtype | None = None,
+                    objective: str = "clm", label_fn=None) -> dict:
+    """Loss over held-out windows of `tokens`. Returns loss, ppl, bpb (None for MLM), tokens."""
+    from tunelab.data import PackedSequences, collate
+
+    if len(tokens) < 2:
+        return {"loss": float("nan"), "ppl": float("nan"), "bpb": None, "tokens": 0}
+    # A split shorter than one window is evaluated as one shorter window.
+    seq_len = min(seq_len, len(tokens))
+    windows = PackedSequences(tokens, seq_len, eos_id, document_mask)
+    budget = len(windows) if max_tokens is None else max(1, max_tokens // seq_len)
+    picked = window_indices(len(windows), budget)
+    was_training = model.training
+    model.eval()
+    total_nats, total_targets, total_bytes = 0.0, 0, 0
+    for start in range(0, len(picked), batch_size):
+        batch = collate([windows[int(i)] for i in picked[start:start + batch_size]])
+        if label_fn is not None:  # MLM: deterministic masks from the caller
+            batch = label_fn(batch, start)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        if objective == "clm":
+            targets = batch["input_ids"][:, 1:]
+            logits = logits[:, :-1]
+        else:
+            targets = batch["labels"]
+        nats = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        valid = targets != -100
+        total_nats += float(nats)
+        total_targets += int(valid.sum())
+        if byte_lengths is not None and objective == "clm":
+            total_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
+    model.train(was_training)
+    loss = total_nats / max(1, total_targets)
+    bpb = total_nats / math.log(2) / total_bytes if total_bytes else None
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb, "tokens": total_targets}

@@ -1,0 +1,65 @@
+"""`tunelab eval` and `tunelab generate`: work on any saved model directory."""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab import models
+from tunelab.config import SourceSpec, _as_source_list, validate
+from tunelab.pretrain import resolve_cache_dir
+
+
+def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_tokens: int | None = None,
+                   eval_fraction: float = 0.02, log=print) -> dict:
+    """Per-domain loss / perplexity / bits per byte on each source's held-out split.
+
+    The held-out split is the same one training leaves out (same rule, same eval_fraction default),
+    so a model is never scored on text it was trained on from that source.
+    """
+    from tunelab.data import tokenize_sources
+    from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
+
+    tokenizer = models.load_tokenizer(model_dir)
+    model = models.load_model(model_dir)
+    seq_len = min(seq_len, models.max_positions(model) or seq_len)
+    models.check_pair(model, tokenizer, seq_len)
+    specs = [validate(s, "--data", SourceSpec) for s in _as_source_list(sources)]
+    eos = models.eos_id(tokenizer)
+    tokenized = tokenize_sources(specs, tokenizer, eos, resolve_cache_dir(), eval_fraction, log=log)
+    objective = "mlm" if models.is_encoder(model) else "clm"
+    label_fn = None
+    if objective == "mlm":
+        from tunelab.train.objectives import add_labels
+
+        def label_fn(batch, i):
+            return add_labels(batch, "mlm", mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                              special_ids=list(tokenizer.all_special_ids), generator=torch.Generator().manual_seed(i))
+    byte_lengths = token_byte_lengths(tokenizer)
+    return {src.domain: evaluate_tokens(model, src.eval, seq_len, eos_id=eos, document_mask=False,
+                                        byte_lengths=byte_lengths, max_tokens=max_tokens, objective=objective,
+                                        label_fn=label_fn)
+            for src in tokenized}
+
+
+def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 64, greedy: bool = False,
+                  temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
+    tokenizer = models.load_tokenizer(model_dir)
+    model = models.load_model(model_dir)
+    if models.is_encoder(model):
+        from tunelab.errors import ModelError
+
+        raise ModelError(f"{model_dir}: an encoder (masked LM) cannot generate text; use `tunelab eval` instead")
+    torch.manual_seed(seed)
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.shape[1] == 0:  # an empty prompt starts from the document separator
+        ids = torch.tensor([[models.eos_id(tokenizer)]])
+    limit = models.max_positions(model)
+    if limit is not None:
+        max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
+    sampling = {} if greedy else {"temperature": temperature, "top_k": top_k or None}
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=not greedy, pad_token_id=tokenizer.pad_token_id or models.eos_id(tokenizer),
+                             **sampling)
+    return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -1,0 +1,158 @@
+"""Build or load HF models and tokenizers.
+
+Tiny presets make every method runnable on a laptop CPU in seconds; `model.path` loads any
+local directory (or a hub id, for users with network) that `transformers` can load.
+Everything is saved with `save_pretrained`, so plain `AutoModelForCausalLM` / `AutoTokenizer`
+read our outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tunelab.errors import ModelError
+
+# name -> (architecture, HF config fields). Parameter counts are for the default vocab (4096).
+PRESETS: dict[str, tuple[str, dict]] = {
+    # ~0.2M params: for unit tests of the math.
+    "llama-micro": ("llama", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=2)),
+    # ~1M params
+    "llama-tiny": ("llama", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4)),
+    # ~20M params (with a 8192 vocab)
+    "llama-small": ("llama", dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                                  num_attention_heads=8, num_key_value_heads=8)),
+    # BERT-style encoder with a masked-LM head, ~1M params
+    "bert-tiny": ("bert", dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                               num_attention_heads=2)),
+}
+
+SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>"}
+
+
+def is_encoder(model) -> bool:
+    return not getattr(model.config, "is_decoder", False) and model.config.model_type in {
+        "bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2", "modernbert"}
+
+
+def max_positions(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
+    """Byte-level BPE (GPT-2 style): any text round-trips, no unknown tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]}); "
+                         "give a directory with tokenizer.json or unset tokenizer.path to train one") from None
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    if getattr(tokenizer, "is_fast", False):
+        blob = tokenizer.backend_tokenizer.to_str()
+    else:
+        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def eos_id(tokenizer) -> int:
+    """The id written between packed documents (SEP for BERT-style tokenizers)."""
+    for attr in ("eos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ModelError("the tokenizer has no eos or sep token: add one (tokenizer.add_special_tokens) "
+                     "so documents can be separated when packing")
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_model(preset: str, tokenizer, overrides: dict | None = None, attn_implementation: str = "sdpa"):
+    from transformers import (BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM)
+
+    if preset not in PRESETS:
+        from tunelab.config import _did_you_mean
+
+        raise ModelError(f"model.preset: unknown preset {preset!r}{_did_you_mean(preset, PRESETS)}; "
+                         f"known: {', '.join(PRESETS)}")
+    arch, fields = PRESETS[preset]
+    fields = {**fields, **(overrides or {})}
+    vocab = len(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
+    try:
+        if arch == "llama":
+            config = LlamaConfig(vocab_size=vocab, max_position_embeddings=fields.pop("max_position_embeddings", 2048),
+                                 tie_word_embeddings=fields.pop("tie_word_embeddings", True),
+                                 bos_token_id=eos_id(tokenizer), eos_token_id=eos_id(tokenizer), pad_token_id=pad,
+                                 **fields)
+            cls = LlamaForCausalLM
+        else:
+            config = BertConfig(vocab_size=vocab, max_position_embeddings=fields.pop("max_position_embeddings", 512),
+                                pad_token_id=pad, **fields)
+            cls = BertForMaskedLM
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"model.overrides: {err}") from None
+    config._attn_implementation = attn_implementation
+    return cls(config)
+
+
+def load_model(path: str, attn_implementation: str = "sdpa"):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]):
+        raise ModelError(f"model.path: {path} does not exist; give a saved model directory (e.g. runs/NAME/final)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.path: cannot load {path} ({str(err).splitlines()[0]}); "
+                         "give a directory written by save_pretrained (config.json + weights)") from None
+    auto = AutoModelForMaskedLM if config.model_type in {"bert", "roberta", "distilbert", "electra", "xlm-roberta",
+                                                         "modernbert"} else AutoModelForCausalLM
+    return auto.from_pretrained(path, attn_implementation=attn_implementation, dtype="float32")
+
+
+def check_pair(model, tokenizer, seq_len: int) -> None:
+    """One-line errors for the two classic mismatches, before any training starts."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ModelError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: "
+                         "use the model's own tokenizer (unset tokenizer.path) or resize the vocabulary first")
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ModelError(f"data.seq_len={seq_len} is beyond the model's {limit} positions: "
+                         f"set data.seq_len <= {limit}")
+
+
+def count_params(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

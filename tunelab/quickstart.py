@@ -1,0 +1,43 @@
+"""`tunelab quickstart`: the main job, offline, on the built-in corpus, in a few minutes on 2 CPU cores.
+
+Trains a tokenizer, pretrains a small model on builtin:prose, evaluates it on every built-in
+domain, generates a sample, and says where everything is. Later stages (continued pretraining,
+fine-tuning, merging, the report) extend this same lifecycle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.config import load_recipe
+
+
+def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.evaluate import generate_text
+    from tunelab.pretrain import pretrain
+    from tunelab.runs import read_metrics
+
+    console = Console(quiet=quiet)
+    cfg = load_recipe("quickstart", overrides)
+    resume = (Path(out) / "config.yaml").exists()  # re-running the quickstart continues/finishes the same run
+    run_dir = pretrain(cfg, out=out, resume=resume, quiet=quiet)
+
+    final_step = max(e["step"] for e in read_metrics(run_dir / "metrics.jsonl") if e.get("event") == "eval")
+    table = Table(title=f"held-out evaluation after {final_step} steps")
+    for col in ("domain", "loss", "perplexity", "bits/byte"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for e in read_metrics(run_dir / "metrics.jsonl"):
+        if e.get("event") == "eval" and e["step"] == final_step:
+            table.add_row(e["domain"], f"{e['loss']:.3f}", f"{e['ppl']:.1f}", f"{e['bpb']:.3f}" if e["bpb"] else "-")
+    console.print(table)
+    prompt = "Return the number of"
+    sample = generate_text(str(run_dir / "final"), prompt, max_new_tokens=48, seed=cfg.train.seed)
+    console.print(f"[bold]sample[/bold] ({prompt!r} ->)\n{sample}")
+    console.print(f"\nrun directory: [bold]{run_dir}[/bold]  (config.yaml, metrics.jsonl, lineage.json, "
+                  f"checkpoints/, final/)")
+    console.print(f"next: tunelab eval {run_dir}/final --data builtin:code   |   "
+                  f"tunelab generate {run_dir}/final --prompt 'def '")
+    return run_dir

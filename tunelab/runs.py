@@ -1,0 +1,157 @@
+"""Self-describing run directories.
+
+runs/<name>/
+  config.yaml     resolved recipe (every default filled in)
+  metrics.jsonl   one JSON object per event: train steps, evals, resumes
+  env.json        package versions, git commit, CPU/GPU
+  lineage.json    parent model/run and data sources with content hashes
+  checkpoints/    step-N/ (see train/checkpoint.py)
+  final/          HF model + tokenizer (or adapter)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tunelab.errors import RunDirError
+
+
+class RunDir:
+    def __init__(self, path: Path, main: bool = True):
+        self.path = Path(path)
+        self.main = main  # only rank 0 writes
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    final = property(lambda self: self.path / "final")
+
+    def log(self, event: dict) -> None:
+        if not self.main:
+            return
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps({**event, "time": round(time.time(), 3)}) + "\n")
+
+    def write_json(self, name: str, data: dict) -> None:
+        if self.main:
+            atomic_write(self.path / name, json.dumps(data, indent=2, default=str))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def open_run_dir(path: Path, resume: bool, main: bool = True) -> RunDir:
+    """Create a run directory; refuse to reuse one that holds a run unless resuming."""
+    run = RunDir(path, main)
+    has_run = run.config.exists() or run.checkpoints.exists() or run.final.exists()
+    if has_run and not resume:
+        raise RunDirError(f"{path} already holds a run: pass --resume to continue it, "
+                          "or --out DIR for a new one (nothing was changed)")
+    if main:
+        run.path.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Events in order; after a resume, re-run steps replace the ones logged before the crash."""
+    events: list[dict] = []
+    if not Path(path).is_file():
+        return events
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run may be cut short
+            continue
+        if event.get("event") == "resume":
+            events = [e for e in events if e.get("step", 0) <= event["step"] or "step" not in e]
+        events.append(event)
+    return events
+
+
+def train_losses(path: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in read_metrics(path) if e.get("event") == "train"}
+
+
+# ---------------------------------------------------------------- env.json and lineage.json
+
+
+def _git_commit(where: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("tunelab", "torch", "transformers", "peft", "tokenizers", "datasets", "safetensors", "numpy",
+                "pydantic"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "git_commit": _git_commit(Path(__file__).resolve().parent),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "gpus": gpus,
+        "argv": sys.argv,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+
+
+def hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def model_lineage(model_cfg) -> dict:
+    """Where the starting weights came from: a preset, a run's output, a local dir or a hub id."""
+    if model_cfg.path is None:
+        return {"kind": "preset", "preset": model_cfg.preset, "overrides": model_cfg.overrides}
+    path = Path(model_cfg.path)
+    if not path.exists():
+        return {"kind": "hub", "id": model_cfg.path}
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    entry = {"kind": "local", "path": str(path.resolve()), "weights_sha256": hash_files(weights) if weights else None}
+    parent_run = path.resolve().parent
+    if (parent_run / "lineage.json").is_file():  # a tunelab run's final/ or checkpoint: link the run
+        entry["run"] = str(parent_run)
+    return entry

@@ -1,0 +1,169 @@
+"""Atomic checkpoints and exact resume.
+
+`checkpoints/step-N/` holds everything needed to continue the very same run:
+    model.safetensors   all model weights
+    optimizer.pt        optimizer state (tensors only: loads with weights_only=True)
+    rng.pt              torch (CPU + CUDA) RNG states; python/numpy states are in state.json
+    state.json          step, tokens, data-loader (mixture) state, method state, world size
+    config.yaml         the resolved recipe
+    manifest.json       size + sha256 of every file above, written last
+
+A checkpoint is written into `.tmp-step-N-<pid>/` and renamed into place, so a crash at any
+moment leaves either the old set of checkpoints or the new one, never a half-written `step-N`.
+On resume, a checkpoint whose manifest is missing or does not match its files is skipped with
+a message, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.yaml")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> tuple[dict, dict]:
+    """(tensors for rng.pt, JSON-able python/numpy states for state.json)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict, plain: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+    v, state, gauss = plain["python"]
+    random.setstate((v, tuple(state), gauss))
+    kind, keys, pos, has_gauss, g = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, state: dict, config_yaml: str, keep: int) -> Path:
+    from safetensors.torch import save_model
+
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    # save_model handles tied weights (embeddings shared with the LM head) that save_file rejects.
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng_tensors, rng_plain = rng_state()
+    torch.save(rng_tensors, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_plain}))
+    (tmp / "config.yaml").write_text(config_yaml)
+    manifest = {}
+    for name in FILES:
+        path = tmp / name
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        manifest[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step after a resume: replace it, still never leaving a gap
+        old = ckpt_root / f".old-step-{step}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(ckpt_root)
+    _prune(ckpt_root, keep)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step-N` directory, newest first."""
+    found = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
+                found.append((int(p.name[5:]), p))
+    return sorted(found, reverse=True)
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    for _, path in list_checkpoints(ckpt_root)[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+    # Temp dirs of writers that were killed mid-save are garbage; they never count as checkpoints.
+    for p in ckpt_root.glob(".tmp-step-*"):
+        if not p.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is intact, else why not."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return "no manifest.json (partially written)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        return "manifest.json is corrupt"
+    for name in FILES:
+        entry = manifest.get(name)
+        file = path / name
+        if entry is None or not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"]:
+            return f"{name} has the wrong size"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_intact(ckpt_root: Path, log=print) -> Path | None:
+    for step, path in list_checkpoints(ckpt_root):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+@dataclass
+class Restored:
+    step: int
+    state: dict
+
+
+def load_checkpoint(path: Path, model, optimizer) -> Restored:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True), state.pop("rng"))
+    return Restored(step=state["step"], state=state)
