@@ -90,11 +90,12 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="
 @app.command("run")
 def run_pipeline(pipeline: Path = typer.Argument(..., help="Pipeline YAML: a list of stages."),
                  out: Optional[Path] = typer.Option(None, "--out", help="Where stage outputs go (default runs/<name>)."),
+                 set_: list[str] = typer.Option([], "--set", help="Override applied to every pretrain stage."),
                  quiet: bool = typer.Option(False, "--quiet")):
     """Run a pipeline's stages in order, skipping those already done with the same resolved config."""
     from tunelab.pipeline import run_pipeline as run
 
-    run(pipeline, out=out, quiet=quiet)
+    run(pipeline, out=out, quiet=quiet, overrides=set_)
 
 
 def _stderr(*parts) -> None:
@@ -102,6 +103,11 @@ def _stderr(*parts) -> None:
 
 
 def main() -> None:
+    import os
+
+    # Offline by design, and transformers' own progress bars would interleave with ours.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app(standalone_mode=False)
     except TunelabError as err:

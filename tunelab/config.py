@@ -139,6 +139,11 @@ class RecipeConfig(Section):
         if self.method.name not in METHODS:
             hint = _did_you_mean(self.method.name, METHODS)
             raise ValueError(f"method.name: unknown method {self.method.name!r}{hint}")
+        options = METHODS[self.method.name].Options
+        try:  # method options are part of the recipe: validate them now, not when training starts
+            options.model_validate(self.method.options)
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err, "method.options", options)) from None
         return self
 
 
@@ -220,7 +225,7 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
             msg += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
     tail = f" [+{more} more]" if more else ""
-    return f"{source}: {path}: {msg}{tail}"
+    return f"{source}: {path}: {msg}{tail}" if loc else f"{source}: {msg}{tail}"
 
 
 def validate(data: dict, source: str, cls: type[BaseModel] = RecipeConfig):

@@ -79,7 +79,9 @@ def _substitute(value: Any, outputs: dict[str, Path], stage: str) -> Any:
     return value
 
 
-def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False) -> dict[str, Path]:
+def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
+                 overrides: list[str] | None = None) -> dict[str, Path]:
+    """`overrides` (--set) apply to every pretrain stage, after the stage's own `set`."""
     from tunelab.config import RecipeConfig
 
     path = Path(path)
@@ -95,7 +97,8 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False) -> di
         if stage.pretrain is not None:
             recipe_path = _recipe_path(resolved["pretrain"], path.parent)
             data = read_yaml(recipe_path)
-            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in resolved["set"].items()])
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in resolved["set"].items()]
+                                   + list(overrides or []))
             cfg = validate(data, f"{path} stage {stage.name}", RecipeConfig)
             outputs[stage.name] = stage_dir / "final"
             if _done(stage_dir / "config.yaml", dump_config(cfg)) and (stage_dir / "final").is_dir():

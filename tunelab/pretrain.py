@@ -151,6 +151,8 @@ def pretrain(cfg: RecipeConfig, out: Path | None = None, resume: bool = False, q
     resume_from = ckpt.latest_intact(run.checkpoints, log=log) if resume else None
     if resume and resume_from is None:
         log(f"no intact checkpoint in {run.checkpoints}: starting from step 0")
+        if run.metrics.exists():  # steps logged before the crash are superseded by the re-run
+            run.log({"event": "resume", "step": 0, "checkpoint": None})
     seed_everything(cfg.train.seed)
     cache = resolve_cache_dir(cfg.data.cache_dir)
 

@@ -162,8 +162,16 @@ class Restored:
 def load_checkpoint(path: Path, model, optimizer) -> Restored:
     from safetensors.torch import load_model
 
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    from tunelab.errors import RunDirError
+
+    try:
+        load_model(model, str(path / "model.safetensors"))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise RunDirError(f"{path} does not fit the model/method built from the recipe "
+                          f"({str(err).splitlines()[0][:160]}): resume with the run's own config.yaml, "
+                          "or start a new run with --out DIR") from None
     state = json.loads((path / "state.json").read_text())
     set_rng_state(torch.load(path / "rng.pt", weights_only=True), state.pop("rng"))
     return Restored(step=state["step"], state=state)

@@ -1,0 +1,55 @@
+"""Shared test set-up: hermetic caches, no network, a small deterministic text corpus."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Everything offline, and one token cache per test session (unless the caller chose one, as CI does),
+# so the built-in corpus is extracted and tokenized once and shared by subprocesses too.
+os.environ.setdefault("TUNELAB_CACHE", tempfile.mkdtemp(prefix="tunelab-test-cache-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+
+_WORDS = ("the model data token train loss step layer weight value cache file text domain batch "
+          "learning rate schedule warmup decay checkpoint resume eval split mixture source").split()
+
+
+def make_document(rng: random.Random, n_sentences: int) -> str:
+    sentences = []
+    for _ in range(n_sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 12))]
+        sentences.append(" ".join(words).capitalize() + rng.choice([".", ".", "?", "!"]))
+    return " ".join(sentences)
+
+
+def write_corpus(root: Path, n_docs: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        sub = root / ("part-a" if i % 2 else "part-b")
+        sub.mkdir(exist_ok=True)
+        (sub / f"doc{i:03d}.txt").write_text(make_document(rng, rng.randint(20, 60)) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """~40 short synthetic documents (~100 KB) in nested folders."""
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus")
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path | None = None):
+    """Run `python -m tunelab ...` in a subprocess; returns CompletedProcess with text output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or REPO, stdin=subprocess.DEVNULL)
