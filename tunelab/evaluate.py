@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tunelab import models
@@ -9,13 +11,31 @@ from tunelab.config import SourceSpec, _as_source_list, validate
 from tunelab.pretrain import resolve_cache_dir
 
 
+def run_eval_fraction(model_dir: str) -> float:
+    """The held-out share used by the run that wrote `model_dir` (its final/ or a checkpoint), else the default."""
+    import yaml
+
+    from tunelab.config import DataConfig
+
+    for candidate in (Path(model_dir).parent / "config.yaml", Path(model_dir).parent.parent / "config.yaml"):
+        if candidate.is_file():
+            try:
+                return float(yaml.safe_load(candidate.read_text())["data"]["eval_fraction"])
+            except (KeyError, TypeError, ValueError, yaml.YAMLError):
+                break
+    return DataConfig.model_fields["eval_fraction"].default
+
+
 def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_tokens: int | None = None,
-                   eval_fraction: float = 0.02, log=print) -> dict:
+                   eval_fraction: float | None = None, log=print) -> dict:
     """Per-domain loss / perplexity / bits per byte on each source's held-out split.
 
-    The held-out split is the same one training leaves out (same rule, same eval_fraction default),
-    so a model is never scored on text it was trained on from that source.
+    The held-out split is the one training leaves out: same rule, and the same eval_fraction as
+    the run that produced the model (read from its config.yaml), so a model is never scored on
+    text it was trained on from that source.
     """
+    if eval_fraction is None:
+        eval_fraction = run_eval_fraction(model_dir)
     from tunelab.data import tokenize_sources
     from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
 
