@@ -11,8 +11,11 @@ from tunelab.config import SourceSpec, _as_source_list, validate
 from tunelab.pretrain import resolve_cache_dir
 
 
-def run_eval_fraction(model_dir: str) -> float:
-    """The held-out share used by the run that wrote `model_dir` (its final/ or a checkpoint), else the default."""
+def run_data_config(model_dir: str):
+    """The data section of the run that wrote `model_dir` (its final/ or a checkpoint), else the defaults.
+
+    Evaluation must hold out the same split (eval_fraction) and mask the same way (packing) as training.
+    """
     import yaml
 
     from tunelab.config import DataConfig
@@ -20,10 +23,11 @@ def run_eval_fraction(model_dir: str) -> float:
     for candidate in (Path(model_dir).parent / "config.yaml", Path(model_dir).parent.parent / "config.yaml"):
         if candidate.is_file():
             try:
-                return float(yaml.safe_load(candidate.read_text())["data"]["eval_fraction"])
+                data = yaml.safe_load(candidate.read_text())["data"]
+                return DataConfig(eval_fraction=data["eval_fraction"], packing=data["packing"])
             except (KeyError, TypeError, ValueError, yaml.YAMLError):
                 break
-    return DataConfig.model_fields["eval_fraction"].default
+    return DataConfig()
 
 
 def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_tokens: int | None = None,
@@ -34,8 +38,9 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     the run that produced the model (read from its config.yaml), so a model is never scored on
     text it was trained on from that source.
     """
+    run_data = run_data_config(model_dir)
     if eval_fraction is None:
-        eval_fraction = run_eval_fraction(model_dir)
+        eval_fraction = run_data.eval_fraction
     from tunelab.data import tokenize_sources
     from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
 
@@ -55,7 +60,8 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
             return add_labels(batch, "mlm", mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
                               special_ids=list(tokenizer.all_special_ids), generator=torch.Generator().manual_seed(i))
     byte_lengths = token_byte_lengths(tokenizer)
-    return {src.domain: evaluate_tokens(model, src.eval, seq_len, eos_id=eos, document_mask=False,
+    return {src.domain: evaluate_tokens(model, src.eval, seq_len, eos_id=eos,
+                                        document_mask=run_data.packing == "document",
                                         byte_lengths=byte_lengths, max_tokens=max_tokens, objective=objective,
                                         label_fn=label_fn)
             for src in tokenized}

@@ -2,8 +2,10 @@
 
 from tunelab.data.mixture import Mixture
 from tunelab.data.packing import PackedSequences, collate, document_position_ids
-from tunelab.data.sources import Documents, read_documents, tokenizer_training_texts
-from tunelab.data.tokcache import TokenizedSource, split_documents, tokenize_source, tokenize_sources
+from tunelab.data.sources import Documents, content_hash, read_documents, tokenizer_training_texts
+from tunelab.data.tokcache import (TokenizedSource, cache_key, split_documents, tokenize_source, tokenize_sources,
+                                   tokenizer_fingerprint)
 
-__all__ = ["Documents", "Mixture", "PackedSequences", "TokenizedSource", "collate", "document_position_ids",
-           "read_documents", "split_documents", "tokenize_source", "tokenize_sources", "tokenizer_training_texts"]
+__all__ = ["Documents", "Mixture", "PackedSequences", "TokenizedSource", "cache_key", "collate", "content_hash",
+           "document_position_ids", "read_documents", "split_documents", "tokenize_source", "tokenize_sources",
+           "tokenizer_fingerprint", "tokenizer_training_texts"]

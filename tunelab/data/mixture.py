@@ -1,55 +1,64 @@
 """Deterministic weighted interleaving of several sources; its whole state is a few integers.
 
-Each draw picks the source furthest behind its target share (largest `w_s * (n+1) - drawn_s`),
-so after n draws every source's count is within 1 of `n * w_s`: exact proportions with no RNG
-drift. Within a source, sequences are visited in a seeded permutation per epoch, a new one each
-time the source is exhausted. The order is a pure function of (sizes, weights, seed, state),
-so saving `state_dict()` after k draws and loading it continues with the very same sequences.
+Each draw picks the source furthest behind its target share, the largest
+`w_s / sum(w) * (n + 1) - drawn_s` after n draws (ties: the lowest index), so after any number
+of draws every source's count is within 1 of its exact share: exact proportions with no RNG
+drift, even over short spans. Within a source, sequences are visited in a seeded permutation per
+epoch, `np.random.default_rng([seed, s, epoch])`, a new one each time the source is used up.
+The order is a pure function of (sizes, weights, seed, drawn counts), so loading `state_dict()`
+saved after k draws continues with exactly the pairs an uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from tunelab.errors import RunDirError
+
 
 class Mixture:
     def __init__(self, sizes: list[int], weights: list[float], seed: int):
-        if len(sizes) != len(weights) or not sizes:
-            raise ValueError("one weight per source, at least one source")
-        if min(sizes) <= 0:
-            raise ValueError("every source needs at least one sequence")
-        total = float(sum(weights))
-        self.sizes = list(sizes)
-        self.shares = [w / total for w in weights]
-        self.seed = seed
+        if not sizes or len(sizes) != len(weights):
+            raise ValueError(f"need one weight per source and at least one source (sizes {sizes}, weights {weights})")
+        if min(sizes) < 1 or min(weights) <= 0:
+            raise ValueError(f"every source needs at least one sequence and a positive weight "
+                             f"(sizes {sizes}, weights {weights})")
+        self.sizes = [int(s) for s in sizes]
+        self.weights = [float(w) for w in weights]
+        self.total_weight = sum(self.weights)
+        self.seed = int(seed) % 2**64  # SeedSequence wants non-negative entropy
         self.drawn = [0] * len(sizes)
-        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, permutation)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
+
+    def _next_source(self) -> int:
+        # Deficits scaled by sum(w): no division, so integer weights compare exactly (clean ties).
+        n = sum(self.drawn) + 1
+        deficits = [w * n - d * self.total_weight for w, d in zip(self.weights, self.drawn)]
+        return deficits.index(max(deficits))  # index() finds the first: ties go to the lowest index
 
     def _permutation(self, source: int, epoch: int) -> np.ndarray:
         cached = self._perms.get(source)
         if cached is None or cached[0] != epoch:
             perm = np.random.default_rng([self.seed, source, epoch]).permutation(self.sizes[source])
-            self._perms[source] = cached = (epoch, perm)
+            cached = self._perms[source] = (epoch, perm)
         return cached[1]
 
     def take(self, n: int) -> list[tuple[int, int]]:
-        out = []
+        """The next n (source index, sequence index) pairs."""
+        pairs = []
         for _ in range(n):
-            total = sum(self.drawn)
-            deficits = [share * (total + 1) - drawn for share, drawn in zip(self.shares, self.drawn)]
-            source = int(np.argmax(deficits))  # ties: lowest index
+            source = self._next_source()
             epoch, offset = divmod(self.drawn[source], self.sizes[source])
-            out.append((source, int(self._permutation(source, epoch)[offset])))
+            pairs.append((source, int(self._permutation(source, epoch)[offset])))
             self.drawn[source] += 1
-        return out
+        return pairs
 
     def state_dict(self) -> dict:
         return {"drawn": list(self.drawn), "sizes": list(self.sizes)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("sizes", self.sizes) != self.sizes:
-            from tunelab.errors import RunDirError
-
-            raise RunDirError(f"the checkpoint's data has {state['sizes']} sequences per source but the recipe's "
-                              f"data has {self.sizes}: resume with the same data and data.seq_len")
-        self.drawn = list(state["drawn"])
+        sizes = state.get("sizes", self.sizes)
+        if list(sizes) != self.sizes or len(state["drawn"]) != len(self.sizes):
+            raise RunDirError(f"the checkpoint's data has {list(sizes)} sequences per source but this recipe's "
+                              f"data has {self.sizes}: resume with the same data sources and data.seq_len")
+        self.drawn = [int(d) for d in state["drawn"]]

@@ -1,9 +1,12 @@
-"""Fixed-length training sequences over a flat token stream (documents separated by EOS).
+"""Fixed-length training sequences over one flat token array (documents separated by EOS).
 
 Window i is tokens[i*seq_len:(i+1)*seq_len]; the tail that does not fill a window is dropped.
-With `document_mask`, position ids restart after every EOS; transformers turns restarting
-position ids (with no attention mask) into a block-diagonal causal mask, so attention stays
-inside each document while the packing stays dense.
+With `document_mask`, position ids restart at 0 after every EOS (the EOS itself closes the
+previous document). When attention_mask is None, HF transformers turns restarting position ids
+into a block-diagonal causal mask, so attention stays inside each document while packing stays
+dense: that is `data.packing: document`. Only without a KV cache, though: the forward pass must
+get use_cache=False (transformers 5.23 skips the detection when a cache exists, and a Llama
+model creates one by default even in train mode; tests/unit/test_packing.py checks this).
 """
 
 from __future__ import annotations
@@ -13,17 +16,21 @@ import torch
 
 
 def document_position_ids(ids: np.ndarray, eos_id: int) -> np.ndarray:
-    """0,1,2,... restarting at the token after each EOS (the EOS closes the previous document)."""
+    """0, 1, 2, ... restarting at the token after each EOS."""
     n = len(ids)
     starts = np.zeros(n, dtype=bool)
-    starts[0] = True
+    starts[:1] = True
     starts[1:] = ids[:-1] == eos_id
-    start_index = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-    return np.arange(n, dtype=np.int64) - start_index
+    last_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    return np.arange(n, dtype=np.int64) - last_start
 
 
 class PackedSequences:
+    """Window i = tokens[i*seq_len:(i+1)*seq_len] as int64 `input_ids` (+ `position_ids`)."""
+
     def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int, document_mask: bool):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.tokens, self.seq_len, self.eos_id, self.document_mask = tokens, seq_len, eos_id, document_mask
 
     def __len__(self) -> int:
@@ -31,7 +38,7 @@ class PackedSequences:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         if not 0 <= i < len(self):
-            raise IndexError(i)
+            raise IndexError(f"window {i} out of range (0..{len(self) - 1})")
         ids = np.asarray(self.tokens[i * self.seq_len:(i + 1) * self.seq_len], dtype=np.int64)
         sample = {"input_ids": ids}
         if self.document_mask:
@@ -40,4 +47,6 @@ class PackedSequences:
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in samples[0]}
+    """Stack samples into int64 tensors, one per key."""
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples]).astype(np.int64, copy=False))
+            for key in samples[0]}

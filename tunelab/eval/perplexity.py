@@ -75,7 +75,8 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, *, eos_id: int, doc
             batch = label_fn(batch, start)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            # use_cache=False keeps document masking (see methods/base.py lm_loss).
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
         if objective == "clm":
             targets = batch["input_ids"][:, 1:]
             logits = logits[:, :-1]

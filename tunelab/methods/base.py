@@ -31,9 +31,13 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy; HF shifts labels inside the model."""
-    return model(**batch).loss
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token (or masked-token) cross-entropy; HF shifts labels inside the model.
+
+    use_cache=False: with a KV cache transformers ignores restarting position ids, and
+    `packing: document` would silently let attention cross documents.
+    """
+    return model(**batch, use_cache=False).loss
 
 
 class Method:
@@ -51,7 +55,7 @@ class Method:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return causal_lm_loss(model, batch)
+        return lm_loss(model, batch)
 
     def after_backward(self, model, step: int) -> None:
         pass
