@@ -120,7 +120,7 @@ def train(model, tokenizer, method, data: TrainData, cfg: RecipeConfig, run: Run
         lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.schedule)
 
         if not method.uses_backward:  # zeroth-order methods own the whole update
-            loss_sum = method.train_step(forward_model, batches, step, lr).detach() * n_global
+            loss_sum = method.train_step(forward_model, batches, step, lr).detach() * sum(counts)
         else:
             for group in optimizer.param_groups:
                 group["lr"] = lr
