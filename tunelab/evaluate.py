@@ -44,8 +44,8 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     from tunelab.data import tokenize_sources
     from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
 
-    tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_model(model_dir)
+    tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
+    model = models.load_model(model_dir, field="MODEL_DIR")
     seq_len = min(seq_len, models.max_positions(model) or seq_len)
     models.check_pair(model, tokenizer, seq_len)
     specs = [validate(s, "--data", SourceSpec) for s in _as_source_list(sources)]
@@ -69,8 +69,8 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
 
 def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 64, greedy: bool = False,
                   temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
-    tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_model(model_dir)
+    tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
+    model = models.load_model(model_dir, field="MODEL_DIR")
     if models.is_encoder(model):
         from tunelab.errors import ModelError
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -66,14 +65,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
-def load_tokenizer(path: str):
+def check_exists(path: str, field: str) -> None:
+    """A missing local path must fail here, not after minutes of hub retries.
+
+    Anything that looks like a path (./, /, ~, or a first component that exists here, like
+    `runs/...`) is local; only a bare `org/name` that is not on disk is treated as a hub id.
+    """
+    if Path(path).expanduser().exists():
+        return
+    first = Path(path).parts[0] if Path(path).parts else ""
+    if path.startswith((".", "/", "~")) or len(Path(path).parts) > 2 or (first and Path(first).exists()):
+        raise ModelError(f"{field}: {path} does not exist; give a saved model directory (e.g. runs/NAME/final)")
+
+
+def load_tokenizer(path: str, field: str = "tokenizer.path"):
     from transformers import AutoTokenizer
 
+    check_exists(path, field)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ModelError(f"{path}: cannot load a tokenizer ({str(err).splitlines()[0]}); "
-                         "give a directory with tokenizer.json or unset tokenizer.path to train one") from None
+        raise ModelError(f"{field}: cannot load a tokenizer from {path} ({str(err).splitlines()[0]}); "
+                         "give a directory with tokenizer.json") from None
     return tok
 
 
@@ -127,15 +140,14 @@ def build_model(preset: str, tokenizer, overrides: dict | None = None, attn_impl
     return cls(config)
 
 
-def load_model(path: str, attn_implementation: str = "sdpa"):
+def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model.path"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    if not Path(path).exists() and (path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 1)[-1]):
-        raise ModelError(f"model.path: {path} does not exist; give a saved model directory (e.g. runs/NAME/final)")
+    check_exists(path, field)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ModelError(f"model.path: cannot load {path} ({str(err).splitlines()[0]}); "
+        raise ModelError(f"{field}: cannot load {path} ({str(err).splitlines()[0]}); "
                          "give a directory written by save_pretrained (config.json + weights)") from None
     auto = AutoModelForMaskedLM if config.model_type in {"bert", "roberta", "distilbert", "electra", "xlm-roberta",
                                                          "modernbert"} else AutoModelForCausalLM

@@ -42,7 +42,7 @@ def resolve_tokenizer(cfg: RecipeConfig, cache: Path, log=print):
     if cfg.tokenizer.path:
         return models.load_tokenizer(cfg.tokenizer.path)
     if cfg.model.path:
-        return models.load_tokenizer(cfg.model.path)
+        return models.load_tokenizer(cfg.model.path, "model.path")
     tc = cfg.tokenizer
     key = hashlib.sha256(repr(([read_documents(s, cache).content_hash for s in cfg.data.train],
                                tc.vocab_size, tc.min_frequency, tc.train_bytes, 1)).encode()).hexdigest()[:24]
