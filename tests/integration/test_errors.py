@@ -86,3 +86,9 @@ def test_existing_run_is_never_overwritten(tmp_path, corpus_dir):
     result = run_cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), "--quiet")
     _assert_one_line_error(result, "--resume", "--out")
     assert _tree_digest(tmp_path / "run") == before
+
+
+def test_missing_model_dir_fails_at_once_without_the_hub(tmp_path):
+    for command in (["eval", str(tmp_path / "runs" / "nope")], ["generate", "./nope", "--prompt", "x"]):
+        result = run_cli(*command, timeout=60)
+        _assert_one_line_error(result, "nope", "does not exist")
