@@ -8,8 +8,6 @@ read our outputs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -91,11 +89,10 @@ def load_tokenizer(path: str, field: str = "tokenizer.path"):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    if getattr(tokenizer, "is_fast", False):
-        blob = tokenizer.backend_tokenizer.to_str()
-    else:
-        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """The identity of a tokenizer (the same one keys the token cache)."""
+    from tunelab.data.tokcache import tokenizer_fingerprint as fingerprint
+
+    return fingerprint(tokenizer)
 
 
 def eos_id(tokenizer) -> int:

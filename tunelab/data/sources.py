@@ -16,7 +16,6 @@ are replaced by U+FFFD and counted (a warning, not an error): one bad byte must 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tunelab.config import SourceSpec
+from tunelab.data.builtin import content_hash
 from tunelab.errors import DataError
 
 JSON_SUFFIXES = {".jsonl", ".json"}  # a single file given by name: .json is read as JSON Lines
@@ -45,16 +45,6 @@ class Documents:
 
 class _BinaryFile(Exception):
     """A file that looks binary; a folder skips it, a single file given by name is an error."""
-
-
-def content_hash(docs: list[str]) -> str:
-    """sha256 over the documents, each length-prefixed so that moving a boundary changes the hash."""
-    h = hashlib.sha256()
-    for doc in docs:
-        data = doc.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- files
