@@ -7,6 +7,7 @@ name to find the line that uses it.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,6 +151,24 @@ class RecipeConfig(Section):
 # ---------------------------------------------------------------- loading and overrides
 
 
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` as a float, as YAML 1.2 and every user do (YAML 1.1 needs `1.0e-5`).
+
+    Typed fields would coerce the string anyway, but untyped ones (model.overrides,
+    method.options) would pass "1e-5" on to transformers as a string.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def _did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -163,7 +182,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -240,7 +259,7 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: recipe not found (give a path to a YAML file or a shipped recipe name)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -267,9 +286,19 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"{name_or_path}: no such recipe file{_did_you_mean(p.stem, names)}; shipped: {', '.join(names)}")
 
 
+def expand_shorthands(data: dict) -> dict:
+    """`data.train: builtin:prose` -> a one-item list, so `--set data.train.0.weight=2` can index it."""
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("train", "eval"):
+            if key in section:
+                section[key] = _as_source_list(section[key])
+    return data
+
+
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
     path = resolve_recipe_path(name_or_path)
-    data = apply_overrides(read_yaml(path), list(overrides or []))
+    data = apply_overrides(expand_shorthands(read_yaml(path)), list(overrides or []))
     return validate(data, str(path))
 
 

@@ -109,32 +109,34 @@ def eos_id(tokenizer) -> int:
 
 
 def build_model(preset: str, tokenizer, overrides: dict | None = None, attn_implementation: str = "sdpa"):
-    from transformers import (BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM)
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    from tunelab.config import _did_you_mean
 
     if preset not in PRESETS:
-        from tunelab.config import _did_you_mean
-
         raise ModelError(f"model.preset: unknown preset {preset!r}{_did_you_mean(preset, PRESETS)}; "
                          f"known: {', '.join(PRESETS)}")
     arch, fields = PRESETS[preset]
-    fields = {**fields, **(overrides or {})}
-    vocab = len(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (BertConfig, BertForMaskedLM)
+    # HF configs accept any keyword silently: a typo would train a different model than asked for.
+    known = set(config_cls().to_dict())
+    for key in overrides or {}:
+        if key not in known:
+            raise ModelError(f"model.overrides.{key}: not a {config_cls.__name__} field{_did_you_mean(key, known)}")
+    eos = eos_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    defaults = dict(max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos) \
+        if arch == "llama" else dict(max_position_embeddings=512)
+    fields = {**defaults, **fields, "vocab_size": len(tokenizer), "pad_token_id": pad, **(overrides or {})}
     try:
-        if arch == "llama":
-            config = LlamaConfig(vocab_size=vocab, max_position_embeddings=fields.pop("max_position_embeddings", 2048),
-                                 tie_word_embeddings=fields.pop("tie_word_embeddings", True),
-                                 bos_token_id=eos_id(tokenizer), eos_token_id=eos_id(tokenizer), pad_token_id=pad,
-                                 **fields)
-            cls = LlamaForCausalLM
-        else:
-            config = BertConfig(vocab_size=vocab, max_position_embeddings=fields.pop("max_position_embeddings", 512),
-                                pad_token_id=pad, **fields)
-            cls = BertForMaskedLM
-    except (TypeError, ValueError) as err:
-        raise ModelError(f"model.overrides: {err}") from None
+        config = config_cls(**fields)
+    except Exception as err:  # transformers 5 raises its own strict-dataclass errors for bad values
+        raise ModelError(f"model.overrides: {str(err).splitlines()[0]}") from None
     config._attn_implementation = attn_implementation
-    return cls(config)
+    try:
+        return model_cls(config)
+    except Exception as err:  # e.g. hidden_size not divisible by num_attention_heads
+        raise ModelError(f"model.overrides: cannot build {preset} ({str(err).splitlines()[0]})") from None
 
 
 def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model.path"):

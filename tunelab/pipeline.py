@@ -26,7 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tunelab.config import apply_overrides, dump_config, read_yaml, resolve_recipe_path, validate
+from tunelab.config import (apply_overrides, dump_config, expand_shorthands, read_yaml, resolve_recipe_path,
+                            validate)
 from tunelab.errors import ConfigError
 from tunelab.runs import atomic_write
 
@@ -96,7 +97,7 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
         resolved = _substitute(stage.model_dump(), outputs, stage.name)
         if stage.pretrain is not None:
             recipe_path = _recipe_path(resolved["pretrain"], path.parent)
-            data = read_yaml(recipe_path)
+            data = expand_shorthands(read_yaml(recipe_path))
             data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in resolved["set"].items()]
                                    + list(overrides or []))
             cfg = validate(data, f"{path} stage {stage.name}", RecipeConfig)

@@ -31,13 +31,16 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     """
     alphabet = _byte_level_alphabet()
     special = set(tokenizer.all_special_ids)
+    added = set(tokenizer.get_added_vocab().values())  # stored as plain text, not byte-level symbols
     size = len(tokenizer)
     lengths = np.zeros(size, dtype=np.int64)
     tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
     for i, tok in enumerate(tokens):
         if i in special or tok is None:
             continue
-        if all(ch in alphabet for ch in tok):
+        if i in added:
+            lengths[i] = len(tok.encode("utf-8"))
+        elif all(ch in alphabet for ch in tok):
             lengths[i] = len(tok)
         else:
             lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))

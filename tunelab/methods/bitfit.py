@@ -4,6 +4,7 @@ Ben Zaken et al. (2022) tune biases only; Llama-style models have no biases, so 
 (the other per-channel vectors) are included, as in most BitFit ports to modern decoders.
 """
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.errors import ConfigError
@@ -15,11 +16,16 @@ class BitFitOptions(BaseModel):
     include_norms: bool = True
 
 
-def is_bitfit_param(name: str, include_norms: bool) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    if last == "bias":
-        return True
-    return include_norms and "norm" in name.lower() and last == "weight"
+def bitfit_params(model, include_norms: bool) -> set[int]:
+    """ids of every bias, and of the gains of normalisation layers (found by module type, not by name:
+    GPT-2 calls its LayerNorms ln_1/ln_f, Llama calls its RMSNorms input_layernorm)."""
+    chosen = set()
+    for module in model.modules():
+        is_norm = isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if name == "bias" or (include_norms and is_norm and name == "weight"):
+                chosen.add(id(param))
+    return chosen
 
 
 class BitFit(Method):
@@ -27,11 +33,10 @@ class BitFit(Method):
     Options = BitFitOptions
 
     def prepare(self, model):
-        n_trainable = 0
-        for name, p in model.named_parameters():
-            p.requires_grad_(is_bitfit_param(name, self.options.include_norms))
-            n_trainable += p.requires_grad
-        if not n_trainable:
+        chosen = bitfit_params(model, self.options.include_norms)
+        for param in model.parameters():
+            param.requires_grad_(id(param) in chosen)
+        if not chosen:
             raise ConfigError("method bitfit: the model has no bias or norm parameters to train; "
                               "set method.options.include_norms=true or use method.name=full")
         return model

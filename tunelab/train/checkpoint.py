@@ -77,21 +77,25 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, state: dict, c
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    # save_model handles tied weights (embeddings shared with the LM head) that save_file rejects.
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng_tensors, rng_plain = rng_state()
-    torch.save(rng_tensors, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_plain}))
-    (tmp / "config.yaml").write_text(config_yaml)
-    manifest = {}
-    for name in FILES:
-        path = tmp / name
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-        manifest[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _fsync_dir(tmp)
+    try:
+        # save_model handles tied weights (embeddings shared with the LM head) that save_file rejects.
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng_tensors, rng_plain = rng_state()
+        torch.save(rng_tensors, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_plain}))
+        (tmp / "config.yaml").write_text(config_yaml)
+        manifest = {}
+        for name in FILES:
+            path = tmp / name
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+            manifest[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
+    except BaseException:  # a failed save leaves no debris; older checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving a step after a resume: replace it, still never leaving a gap
         old = ckpt_root / f".old-step-{step}-{os.getpid()}"
         final.rename(old)
@@ -145,6 +149,11 @@ def verify(path: Path) -> str | None:
 
 
 def latest_intact(ckpt_root: Path, log=print) -> Path | None:
+    # A kill between the two renames of a re-save leaves the intact old copy under .old-step-N-*.
+    for old in sorted(ckpt_root.glob(".old-step-*")) if ckpt_root.is_dir() else []:
+        step = old.name.split("-")[2]
+        if not (ckpt_root / f"step-{step}").exists():
+            old.rename(ckpt_root / f"step-{step}")
     for step, path in list_checkpoints(ckpt_root):
         problem = verify(path)
         if problem is None:
