@@ -140,6 +140,14 @@ class RecipeConfig(Section):
         if self.method.name not in METHODS:
             hint = _did_you_mean(self.method.name, METHODS)
             raise ValueError(f"method.name: unknown method {self.method.name!r}{hint}")
+        if self.model.path is None:
+            from tunelab.errors import ModelError
+            from tunelab.models import check_preset
+
+            try:
+                check_preset(self.model.preset, self.model.overrides)
+            except ModelError as err:
+                raise ValueError(str(err)) from None
         options = METHODS[self.method.name].Options
         try:  # method options are part of the recipe: validate them now, not when training starts
             options.model_validate(self.method.options)

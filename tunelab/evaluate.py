@@ -54,11 +54,9 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     objective = "mlm" if models.is_encoder(model) else "clm"
     label_fn = None
     if objective == "mlm":
-        from tunelab.train.objectives import add_labels
+        from tunelab.train.objectives import fixed_mlm_labeler
 
-        def label_fn(batch, i):
-            return add_labels(batch, "mlm", mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                              special_ids=list(tokenizer.all_special_ids), generator=torch.Generator().manual_seed(i))
+        label_fn = fixed_mlm_labeler(tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids))
     byte_lengths = token_byte_lengths(tokenizer)
     return {src.domain: evaluate_tokens(model, src.eval, seq_len, eos_id=eos,
                                         document_mask=run_data.packing == "document",

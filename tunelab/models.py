@@ -108,21 +108,44 @@ def eos_id(tokenizer) -> int:
 # ---------------------------------------------------------------- models
 
 
-def build_model(preset: str, tokenizer, overrides: dict | None = None, attn_implementation: str = "sdpa"):
-    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+def _config_class(arch: str):
+    from transformers import BertConfig, LlamaConfig
 
+    return LlamaConfig if arch == "llama" else BertConfig
+
+
+def _first_error(err: Exception) -> str:
+    # transformers' validation errors put the reason on the lines after a generic header.
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
+
+
+def check_preset(preset: str, overrides: dict) -> None:
+    """Unknown presets and misspelt override keys fail at recipe validation, before any work.
+
+    HF configs accept any keyword silently: a typo would train a different model than asked for.
+    """
     from tunelab.config import _did_you_mean
 
     if preset not in PRESETS:
         raise ModelError(f"model.preset: unknown preset {preset!r}{_did_you_mean(preset, PRESETS)}; "
                          f"known: {', '.join(PRESETS)}")
-    arch, fields = PRESETS[preset]
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (BertConfig, BertForMaskedLM)
-    # HF configs accept any keyword silently: a typo would train a different model than asked for.
+    config_cls = _config_class(PRESETS[preset][0])
     known = set(config_cls().to_dict())
-    for key in overrides or {}:
+    for key in overrides:
         if key not in known:
             raise ModelError(f"model.overrides.{key}: not a {config_cls.__name__} field{_did_you_mean(key, known)}")
+    try:  # values too: e.g. a hidden size that the number of heads does not divide
+        config_cls(**{**PRESETS[preset][1], **overrides})
+    except Exception as err:
+        raise ModelError(f"model.overrides: {_first_error(err)}") from None
+
+
+def build_model(preset: str, tokenizer, overrides: dict | None = None, attn_implementation: str = "sdpa"):
+    from transformers import BertForMaskedLM, LlamaForCausalLM
+
+    check_preset(preset, overrides or {})
+    arch, fields = PRESETS[preset]
+    config_cls, model_cls = _config_class(arch), (LlamaForCausalLM if arch == "llama" else BertForMaskedLM)
     eos = eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     defaults = dict(max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos) \
@@ -131,12 +154,12 @@ def build_model(preset: str, tokenizer, overrides: dict | None = None, attn_impl
     try:
         config = config_cls(**fields)
     except Exception as err:  # transformers 5 raises its own strict-dataclass errors for bad values
-        raise ModelError(f"model.overrides: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"model.overrides: {_first_error(err)}") from None
     config._attn_implementation = attn_implementation
     try:
         return model_cls(config)
     except Exception as err:  # e.g. hidden_size not divisible by num_attention_heads
-        raise ModelError(f"model.overrides: cannot build {preset} ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"model.overrides: cannot build {preset} ({_first_error(err)})") from None
 
 
 def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model.path"):

@@ -121,10 +121,9 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 def _prune(ckpt_root: Path, keep: int) -> None:
     for _, path in list_checkpoints(ckpt_root)[keep:]:
         shutil.rmtree(path, ignore_errors=True)
-    # Temp dirs of writers that were killed mid-save are garbage; they never count as checkpoints.
+    # Temp dirs of writers killed mid-save are garbage (ours was renamed already; only rank 0 writes).
     for p in ckpt_root.glob(".tmp-step-*"):
-        if not p.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def verify(path: Path) -> str | None:

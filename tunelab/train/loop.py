@@ -26,7 +26,7 @@ from tunelab.eval.perplexity import evaluate_tokens
 from tunelab.runs import RunDir
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import dist as distmod
-from tunelab.train.objectives import add_labels
+from tunelab.train.objectives import add_labels, fixed_mlm_labeler
 from tunelab.train.optim import build_optimizer
 from tunelab.train.schedules import lr_multiplier
 
@@ -89,9 +89,7 @@ def train(model, tokenizer, method, data: TrainData, cfg: RecipeConfig, run: Run
                 byte_lengths=data.byte_lengths, max_tokens=tc.eval_max_tokens, batch_size=micro,
                 device=d.device, autocast_dtype=autocast_dtype, objective=tc.objective,
                 label_fn=None if tc.objective == "clm" else
-                (lambda b, i: add_labels(b, "mlm", mask_id=data.mask_id, mlm_probability=tc.mlm_probability,
-                                         vocab_size=len(tokenizer), special_ids=list(data.special_ids),
-                                         generator=torch.Generator().manual_seed(i))))
+                fixed_mlm_labeler(data.mask_id, len(tokenizer), list(data.special_ids), tc.mlm_probability))
             run.log({"event": "eval", "step": at_step, "tokens": tokens, "domain": domain, **results[domain]})
         summary = "  ".join(f"{k} {v['loss']:.3f}" + (f"/{v['bpb']:.3f}bpb" if v["bpb"] else "")
                             for k, v in results.items())

@@ -33,3 +33,12 @@ def add_labels(batch: dict[str, torch.Tensor], objective: str, *, mask_id: int |
     out = {k: v for k, v in batch.items() if k != "position_ids"}  # BERT uses absolute positions per window
     out.update(input_ids=inputs, labels=labels)
     return out
+
+
+def fixed_mlm_labeler(mask_id: int, vocab_size: int, special_ids: list[int], mlm_probability: float = 0.15):
+    """Evaluation masks that depend only on the batch's index: every evaluation of every model
+    scores the same masked positions, so MLM losses compare across steps and runs."""
+    def label(batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        return add_labels(batch, "mlm", mask_id=mask_id, mlm_probability=mlm_probability, vocab_size=vocab_size,
+                          special_ids=special_ids, generator=torch.Generator().manual_seed(index))
+    return label

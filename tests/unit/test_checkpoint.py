@@ -1,0 +1,347 @@
+"""Atomic checkpoints and exact resume (tunelab/train/checkpoint.py) on a tiny real model."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tunelab.errors import RunDirError
+from tunelab.models import build_model, train_tokenizer
+from tunelab.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[2]
+_WORDS = "the model data token train loss step layer weight value cache file text domain batch".split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(_WORDS) for _ in range(60)) + "." for _ in range(80)]  # ~30 KB
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def make_model(tokenizer, seed: int):
+    torch.manual_seed(seed)
+    return build_model("llama-micro", tokenizer)
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def train_steps(model, optimizer, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    for _ in range(n):
+        ids = torch.randint(vocab, (2, 16), generator=g)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.fixture
+def trained(tokenizer):
+    model = make_model(tokenizer, 0)
+    opt = make_optimizer(model)
+    train_steps(model, opt, 2)
+    return model, opt
+
+
+def save(root: Path, step: int, model, opt, keep: int = 10, **state):
+    return ckpt.save_checkpoint(root, step, model, opt, {"step": step, "tokens": step * 32, **state},
+                                f"name: test\nstep: {step}\n", keep=keep)
+
+
+def seed_all(seed: int):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+# ---------------------------------------------------------------- exact round trip
+
+
+def test_save_load_round_trip_is_bit_identical(tmp_path, tokenizer, trained):
+    model, opt = trained
+    seed_all(123)
+    # Advance every RNG a bit so the saved state is not a freshly seeded one.
+    torch.rand(7), random.random(), np.random.rand(3)
+    path = save(tmp_path, 2, model, opt, data={"cursor": [1, 2, 3]}, method={"active": [0]})
+    assert path == tmp_path / "step-2"
+    assert sorted(p.name for p in path.iterdir()) == sorted([*ckpt.FILES, "manifest.json"])
+    expect_torch, expect_py, expect_np = torch.rand(5), random.random(), np.random.rand(4)
+
+    # Scramble all RNGs, then restore into a fresh model and optimizer.
+    seed_all(999)
+    fresh = make_model(tokenizer, 1)
+    fresh_opt = make_optimizer(fresh)
+    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    restored = ckpt.load_checkpoint(path, fresh, fresh_opt)
+
+    assert restored.step == 2
+    assert restored.state["tokens"] == 64
+    assert restored.state["data"] == {"cursor": [1, 2, 3]} and restored.state["method"] == {"active": [0]}
+    assert "rng" not in restored.state
+
+    # Weights: every tensor bit-identical (including the tied embedding / LM head).
+    a, b = model.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()  # still tied
+
+    # Optimizer: step counts and both moments, per parameter.
+    sa, sb = opt.state_dict(), fresh_opt.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys() and len(sa["state"]) > 0
+    for k in sa["state"]:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa["state"][k][name], sb["state"][k][name]), (k, name)
+
+    # RNG: the very next draws equal those right after saving.
+    assert torch.equal(torch.rand(5), expect_torch)
+    assert random.random() == expect_py
+    assert np.array_equal(np.random.rand(4), expect_np)
+
+
+def test_resumed_training_continues_identically(tmp_path, tokenizer, trained):
+    model, opt = trained
+    path = save(tmp_path, 2, model, opt)
+    train_steps(model, opt, 2, seed=7)
+
+    fresh = make_model(tokenizer, 5)
+    fresh_opt = make_optimizer(fresh)
+    ckpt.load_checkpoint(path, fresh, fresh_opt)
+    train_steps(fresh, fresh_opt, 2, seed=7)
+    for (k, x), (_, y) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
+def test_load_into_the_wrong_model_is_a_run_dir_error(tmp_path, tokenizer, trained):
+    model, opt = trained
+    path = save(tmp_path, 2, model, opt)
+    torch.manual_seed(0)
+    other = build_model("llama-micro", tokenizer, overrides={"hidden_size": 64, "intermediate_size": 64})
+    with pytest.raises(RunDirError) as err:
+        ckpt.load_checkpoint(path, other, None)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_manifest_records_size_and_sha256(tmp_path, trained):
+    import hashlib
+
+    model, opt = trained
+    path = save(tmp_path, 2, model, opt)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest) == set(ckpt.FILES)
+    for name, entry in manifest.items():
+        blob = (path / name).read_bytes()
+        assert entry == {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    assert ckpt.verify(path) is None
+
+
+# ---------------------------------------------------------------- listing, pruning, temp dirs
+
+
+def test_keep_last_k(tmp_path, trained):
+    model, opt = trained
+    for step in (10, 20, 30, 40):
+        save(tmp_path, step, model, opt, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [40, 30]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-30", "step-40"]
+
+
+def test_keep_orders_by_step_number_not_name(tmp_path, trained):
+    model, opt = trained
+    for step in (9, 10, 100):  # "step-9" > "step-100" as strings
+        save(tmp_path, step, model, opt, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [100, 10]
+
+
+def test_leftover_tmp_dir_is_not_a_checkpoint_and_is_cleaned(tmp_path, trained):
+    model, opt = trained
+    save(tmp_path, 1, model, opt)
+    # A writer killed mid-save (another process) left this behind, possibly complete-looking.
+    stale = tmp_path / ".tmp-step-5-999999"
+    shutil.copytree(tmp_path / "step-1", stale)
+    other = tmp_path / "not-a-checkpoint"
+    other.mkdir()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert ckpt.latest_intact(tmp_path, log=lambda m: None) == tmp_path / "step-1"
+    save(tmp_path, 2, model, opt)
+    assert not stale.exists()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 1]
+
+
+def test_list_checkpoints_of_missing_dir(tmp_path):
+    assert ckpt.list_checkpoints(tmp_path / "nope") == []
+    assert ckpt.latest_intact(tmp_path / "nope", log=lambda m: None) is None
+
+
+def test_resaving_a_step_replaces_it(tmp_path, tokenizer, trained):
+    model, opt = trained
+    save(tmp_path, 2, model, opt, tokens_marker=1)
+    train_steps(model, opt, 1, seed=3)
+    save(tmp_path, 2, model, opt, tokens_marker=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]  # no .old-/.tmp- leftovers
+    assert ckpt.verify(tmp_path / "step-2") is None
+    fresh = make_model(tokenizer, 9)
+    restored = ckpt.load_checkpoint(tmp_path / "step-2", fresh, None)
+    assert restored.state["tokens_marker"] == 2
+    assert torch.equal(fresh.model.norm.weight, model.model.norm.weight)
+
+
+# ---------------------------------------------------------------- corruption
+
+
+def _truncate_model(path: Path):
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip_byte_in_optimizer(path: Path):
+    f = path / "optimizer.pt"
+    blob = bytearray(f.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    f.write_bytes(bytes(blob))
+
+
+def _delete_manifest(path: Path):
+    (path / "manifest.json").unlink()
+
+
+def _delete_rng(path: Path):
+    (path / "rng.pt").unlink()
+
+
+def _garble_manifest(path: Path):
+    (path / "manifest.json").write_text("{not json")
+
+
+CORRUPTIONS = {
+    "truncated-model": (_truncate_model, ["model.safetensors", "size"]),
+    "flipped-optimizer-byte": (_flip_byte_in_optimizer, ["optimizer.pt", "checksum"]),
+    "no-manifest": (_delete_manifest, ["manifest.json"]),
+    "missing-rng": (_delete_rng, ["rng.pt", "missing"]),
+    "garbled-manifest": (_garble_manifest, ["manifest.json", "corrupt"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_latest_intact_skips_a_corrupt_newest_checkpoint(tmp_path, trained, kind):
+    corrupt, words = CORRUPTIONS[kind]
+    model, opt = trained
+    save(tmp_path, 1, model, opt)
+    save(tmp_path, 2, model, opt)
+    corrupt(tmp_path / "step-2")
+    problem = ckpt.verify(tmp_path / "step-2")
+    assert problem is not None
+    messages: list[str] = []
+    assert ckpt.latest_intact(tmp_path, log=messages.append) == tmp_path / "step-1"
+    assert len(messages) == 1
+    assert "step-2" in messages[0] and problem in messages[0]
+    for word in words:
+        assert word in messages[0], (word, messages[0])
+
+
+def test_latest_intact_when_all_are_corrupt(tmp_path, trained):
+    model, opt = trained
+    save(tmp_path, 1, model, opt)
+    save(tmp_path, 2, model, opt)
+    _delete_manifest(tmp_path / "step-1")
+    _truncate_model(tmp_path / "step-2")
+    messages: list[str] = []
+    assert ckpt.latest_intact(tmp_path, log=messages.append) is None
+    assert len(messages) == 2
+
+
+# ---------------------------------------------------------------- atomicity
+
+
+def _failing_torch_save(monkeypatch):
+    real_save = torch.save
+
+    def save_or_crash(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            raise OSError("simulated crash while writing optimizer.pt")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_or_crash)
+
+
+def test_crash_during_save_leaves_no_step_dir_and_old_ones_intact(tmp_path, trained, monkeypatch):
+    model, opt = trained
+    save(tmp_path, 1, model, opt, keep=2)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "step-1").iterdir()}
+    _failing_torch_save(monkeypatch)
+    with pytest.raises(OSError, match="simulated crash"):
+        save(tmp_path, 2, model, opt, keep=2)
+    monkeypatch.undo()
+    assert not (tmp_path / "step-2").exists()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert ckpt.verify(tmp_path / "step-1") is None
+    assert {p.name: p.read_bytes() for p in (tmp_path / "step-1").iterdir()} == before
+    assert ckpt.latest_intact(tmp_path, log=lambda m: None) == tmp_path / "step-1"
+    # The next successful save works and the set stays consistent.
+    save(tmp_path, 2, model, opt, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 1]
+    assert ckpt.verify(tmp_path / "step-2") is None
+
+
+def test_crash_while_resaving_a_step_keeps_the_old_copy(tmp_path, trained, monkeypatch):
+    model, opt = trained
+    save(tmp_path, 2, model, opt)
+    _failing_torch_save(monkeypatch)
+    with pytest.raises(OSError):
+        save(tmp_path, 2, model, opt)
+    monkeypatch.undo()
+    assert ckpt.verify(tmp_path / "step-2") is None
+
+
+def test_failed_save_leaves_no_temp_dir_behind(tmp_path, trained, monkeypatch):
+    model, opt = trained
+    save(tmp_path, 1, model, opt)
+    _failing_torch_save(monkeypatch)
+    with pytest.raises(OSError):
+        save(tmp_path, 2, model, opt)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+    save(tmp_path, 3, model, opt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1", "step-3"]
+
+
+# ---------------------------------------------------------------- no pickles
+
+
+def _torch_load_calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            fn = node.func
+            if isinstance(fn, ast.Attribute) and fn.attr == "load" and isinstance(fn.value, ast.Name) \
+                    and fn.value.id == "torch":
+                yield node
+
+
+def test_torch_load_is_only_called_with_weights_only_true():
+    calls = []
+    for path in sorted((REPO / "tunelab").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for node in _torch_load_calls(ast.parse(text)):
+            kw = {k.arg: k.value for k in node.keywords}
+            ok = "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) \
+                and kw["weights_only"].value is True
+            calls.append((f"{path.relative_to(REPO)}:{node.lineno}", ok))
+        # No aliasing around the check (e.g. `from torch import load`).
+        assert "from torch import load" not in text, path
+    assert any(c[0].startswith(os.path.join("tunelab", "train", "checkpoint.py")) for c in calls)
+    bad = [where for where, ok in calls if not ok]
+    assert not bad, f"torch.load without weights_only=True at {bad}"
