@@ -32,9 +32,12 @@ PRESETS: dict[str, tuple[str, dict]] = {
 SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>"}
 
 
+# Model types loaded with a masked-LM head (AutoModelForMaskedLM) and trained/evaluated with MLM.
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2", "modernbert"}
+
+
 def is_encoder(model) -> bool:
-    return not getattr(model.config, "is_decoder", False) and model.config.model_type in {
-        "bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2", "modernbert"}
+    return not getattr(model.config, "is_decoder", False) and model.config.model_type in ENCODER_TYPES
 
 
 def max_positions(model) -> int | None:
@@ -171,8 +174,7 @@ def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model
     except (OSError, ValueError) as err:
         raise ModelError(f"{field}: cannot load {path} ({str(err).splitlines()[0]}); "
                          "give a directory written by save_pretrained (config.json + weights)") from None
-    auto = AutoModelForMaskedLM if config.model_type in {"bert", "roberta", "distilbert", "electra", "xlm-roberta",
-                                                         "modernbert"} else AutoModelForCausalLM
+    auto = AutoModelForMaskedLM if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
     return auto.from_pretrained(path, attn_implementation=attn_implementation, dtype="float32")
 
 
