@@ -178,6 +178,14 @@ def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model
     return auto.from_pretrained(path, attn_implementation=attn_implementation, dtype="float32")
 
 
+def check_objective(model, objective: str) -> None:
+    """An encoder trained on next-token labels would learn to copy its input: refuse it."""
+    if is_encoder(model) and objective != "mlm":
+        raise ModelError(f"{model.config.model_type} is a masked-LM encoder: set train.objective=mlm")
+    if not is_encoder(model) and objective == "mlm":
+        raise ModelError(f"{model.config.model_type} is a causal decoder: set train.objective=clm")
+
+
 def check_pair(model, tokenizer, seq_len: int) -> None:
     """One-line errors for the two classic mismatches, before any training starts."""
     vocab = model.get_input_embeddings().weight.shape[0]

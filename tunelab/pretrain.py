@@ -165,6 +165,7 @@ def pretrain(cfg: RecipeConfig, out: Path | None = None, resume: bool = False, q
     model = (models.load_model(cfg.model.path, cfg.model.attn_implementation) if cfg.model.path else
              models.build_model(cfg.model.preset, tokenizer, cfg.model.overrides, cfg.model.attn_implementation))
     models.check_pair(model, tokenizer, cfg.data.seq_len)
+    models.check_objective(model, cfg.train.objective)
     if d.main:
         data, sources, eval_sources = build_data(cfg, tokenizer, cache, log)
     d.barrier()

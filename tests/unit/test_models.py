@@ -371,3 +371,15 @@ def test_evaluate_tokens_matches_a_manual_computation(tokenizer):
     assert out["loss"] == pytest.approx(nats / n, rel=1e-5)
     assert out["ppl"] == pytest.approx(math.exp(nats / n), rel=1e-5)
     assert out["bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+
+
+def test_objective_must_fit_the_architecture(tokenizer):
+    from tunelab.models import build_model, check_objective
+
+    bert, llama = build_model("bert-tiny", tokenizer), build_model("llama-micro", tokenizer)
+    check_objective(bert, "mlm")
+    check_objective(llama, "clm")
+    with pytest.raises(ModelError, match="train.objective=mlm"):
+        check_objective(bert, "clm")
+    with pytest.raises(ModelError, match="train.objective=clm"):
+        check_objective(llama, "mlm")
