@@ -1,6 +1,6 @@
 """Training throughput: tunelab's loop vs the HF `transformers.Trainer`, same model, data, batch, precision.
 
-    python benchmarks/bench_throughput.py                 # full run (~7-9 min on 2 cores), rewrites RESULTS.md
+    python benchmarks/bench_throughput.py                 # full run (~4.5 min on 2 quiet cores), rewrites RESULTS.md
     python benchmarks/bench_throughput.py --quick         # smoke check (llama-tiny, few steps), prints only
     python benchmarks/bench_throughput.py --quick --write # ... and rewrites RESULTS.md anyway
 
@@ -448,7 +448,8 @@ KEEP_MARK = "<!-- kept across reruns: everything below this line is not regenera
 def write_results(path: Path, args, machine: dict, data: dict, results: list[dict], total_s: float) -> None:
     # Hand-written analysis (profiling findings) below KEEP_MARK survives a rerun.
     old = path.read_text() if path.exists() else ""
-    notes = KEEP_MARK + old.split(KEEP_MARK, 1)[1] if KEEP_MARK in old else KEEP_MARK + "\n"
+    kept = old.split(KEEP_MARK, 1)[1].strip("\n") if KEEP_MARK in old else ""
+    notes = KEEP_MARK + ("\n\n" + kept if kept else "")
     s = SHARED
     date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     optimizers = sorted({f"{r['framework']}: {r['optimizer']}" for r in results})
@@ -502,7 +503,9 @@ The project's target is tunelab >= 1.5x the Trainer.
   (`train.log_every=1`, so every step has one; its clock starts just before the first step). Trainer: a
   `TrainerCallback` timestamps `on_train_begin` and every `on_step_end`.
 - The first {args.warmup} steps are warm-up (allocator, oneDNN primitive caches, and for `+ compile` the whole
-  compilation, shown as "first step"). **tokens/s** = tokens of the timed steps / their summed time;
+  compilation, shown as "first step"; torch.compile's cache in benchmarks/out/inductor-cache was
+  {'warm from earlier runs, so compiling took seconds; a cold compile of llama-small takes 20-35 s' if args.compile_cache_warm else 'cold'}).
+  **tokens/s** = tokens of the timed steps / their summed time;
   **median-step tokens/s** = tokens per step / median timed step time (less sensitive to the shared
   machine's hiccups). Ratios are only taken between numbers from the same run.
 - "mean train loss" is the mean loss over all {args.steps} steps (Trainer: its `training_loss`): equal losses in
@@ -545,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out).resolve()
     (out / "work").mkdir(parents=True, exist_ok=True)
 
+    cache = out / "inductor-cache"
+    args.compile_cache_warm = cache.is_dir() and any(cache.iterdir())
     start = time.perf_counter()
     print(f"tunelab throughput benchmark: {args.preset}, {args.steps} steps ({args.warmup} warm-up), "
           f"batch {SHARED['micro_batch_size']} x {SHARED['seq_len']}{', glibc mallopt' if args.mallopt else ''}; "

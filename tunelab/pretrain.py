@@ -145,6 +145,10 @@ def pretrain(cfg: RecipeConfig, out: Path | None = None, resume: bool = False, q
 
     d = distmod.init()
     log = (lambda *a: None) if (quiet or not d.main) else print
+    if quiet or not d.main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
     out = Path(out) if out else Path("runs") / cfg.name
     run = open_run_dir(out, resume, main=d.main)
     method = create_method(cfg.method.name, cfg.method.options)

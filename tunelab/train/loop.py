@@ -66,18 +66,16 @@ def train(model, tokenizer, method, data: TrainData, cfg: RecipeConfig, run: Run
     seq_len = cfg.data.seq_len
     config_yaml = dump_config(cfg)
 
-    def make_batch(pairs, step_idx: int, micro_idx: int) -> dict[str, torch.Tensor]:
+    def make_batch(pairs, step_idx: int, micro_idx: int) -> tuple[dict[str, torch.Tensor], int]:
         batch = collate([data.sets[s][i] for s, i in pairs])
         # MLM masks depend only on (seed, step, position in the global batch): resumable without saved
         # RNG state, and the same whatever the number of processes.
         gen = torch.Generator().manual_seed(hash((tc.seed, step_idx, micro_idx * world + d.rank)) & 0x7FFFFFFF)
         batch = add_labels(batch, tc.objective, mask_id=data.mask_id, mlm_probability=tc.mlm_probability,
                            vocab_size=len(tokenizer), special_ids=list(data.special_ids), generator=gen)
-        return {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-
-    def n_targets(batch) -> int:
+        # Count targets while the batch is still on the CPU: counting on a GPU would sync the host.
         labels = batch["labels"][:, 1:] if tc.objective == "clm" else batch["labels"]
-        return int((labels != -100).sum())
+        return {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}, int((labels != -100).sum())
 
     def run_eval(at_step: int) -> dict:
         if not d.main:
@@ -111,9 +109,8 @@ def train(model, tokenizer, method, data: TrainData, cfg: RecipeConfig, run: Run
     while step < tc.max_steps:
         # ---- data: this step's global batch, this rank's micro-batches of it
         pairs = data.mixture.take(global_batch)
-        batches = [make_batch(pairs[(m * world + d.rank) * micro:(m * world + d.rank + 1) * micro], step, m)
-                   for m in range(accum)]
-        counts = [n_targets(b) for b in batches]
+        batches, counts = zip(*[make_batch(pairs[(m * world + d.rank) * micro:(m * world + d.rank + 1) * micro],
+                                           step, m) for m in range(accum)])
         n_global = int(d.all_reduce_sum(torch.tensor(float(sum(counts)))).item())
         lr = tc.lr * lr_multiplier(step, tc.max_steps, tc.schedule)
 
@@ -133,7 +130,7 @@ def train(model, tokenizer, method, data: TrainData, cfg: RecipeConfig, run: Run
                     (loss * (counts[m] * world / n_global)).backward()
                 loss_sum += loss.detach() * counts[m]
             method.after_backward(model, step)
-            grad_norm = (torch.nn.utils.clip_grad_norm_([p for _, p in named], tc.grad_clip)
+            grad_norm = (torch.nn.utils.clip_grad_norm_([p for _, p in named], tc.grad_clip, foreach=True)
                          if tc.grad_clip else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -157,10 +154,15 @@ def train(model, tokenizer, method, data: TrainData, cfg: RecipeConfig, run: Run
             run.log(event)
             if progress is not None:
                 progress.update(step, loss=loss_value, tok_s=tok_s)
+        paused = False
         if tc.eval_every and step % tc.eval_every == 0 and step != tc.max_steps:
             run_eval(step)
+            paused = True
         if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != tc.max_steps:
             save(step)
+            paused = True
+        if paused:  # tokens/s measures training only, not the evaluation or checkpoint just done
+            t_last, tokens_last = time.perf_counter(), tokens
 
     if progress is not None:
         progress.stop()
