@@ -113,8 +113,8 @@ def _lineage(cfg: RecipeConfig, tokenizer, sources, eval_sources) -> dict:
 class ProgressBar:
     """rich progress bar with loss, tokens/s and ETA; silent when quiet or not rank 0."""
 
-    def __init__(self, enabled: bool, tokens_per_step: int):
-        self.enabled, self.tokens_per_step, self.bar = enabled, tokens_per_step, None
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
 
     def start(self, total: int, completed: int) -> None:
         if not self.enabled:
@@ -181,8 +181,7 @@ def pretrain(cfg: RecipeConfig, out: Path | None = None, resume: bool = False, q
         run.write_json("env.json", environment())
         run.write_json("lineage.json", _lineage(cfg, tokenizer, sources, eval_sources))
     log(f"model: {models.count_params(model):,} parameters; run directory: {run.path}")
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * d.world * cfg.data.seq_len
-    progress = ProgressBar(enabled=d.main and not quiet, tokens_per_step=tokens_per_step)
+    progress = ProgressBar(enabled=d.main and not quiet)
     try:
         result = train(model, tokenizer, method, data, cfg, run, d, resume_from=resume_from, progress=progress, log=log)
     finally:
