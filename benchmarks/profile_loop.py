@@ -4,7 +4,7 @@
     python benchmarks/profile_loop.py --compile             # ... with train.compile=true
     python benchmarks/profile_loop.py --precision fp32 --preset llama-tiny
 
-It sets up exactly what `tunelab.pretrain.pretrain` sets up (same recipe as bench_throughput.py), then
+It sets up exactly what `tunelab.stages.train.run_training` sets up (same recipe as bench_throughput.py), then
 calls `tunelab.train.loop.train` with a progress object whose `update` (called once per step, since
 train.log_every=1) advances the profiler's schedule: the first steps are skipped, the next --active are
 recorded. It prints
@@ -68,7 +68,9 @@ def main() -> None:
 
     from tunelab import models
     from tunelab.methods import create_method
-    from tunelab.pretrain import seed_everything
+    from tunelab.config import dump_config
+    from tunelab.methods.base import MethodContext
+    from tunelab.stages.setup import seed_everything
     from tunelab.runs import open_run_dir
     from tunelab.train import dist as distmod
     from tunelab.train.loop import train
@@ -82,19 +84,23 @@ def main() -> None:
     spec = {"workdir": str(work), "preset": args.preset, "steps": steps, "precision": args.precision,
             "compile": args.compile, "overrides": args.set}
     cfg = bench.load_cfg(spec)
-    # The same set-up as tunelab.pretrain.pretrain (seed, tokenizer, model, data), minus the bookkeeping.
+    # The same set-up as the pretrain stage (seed, tokenizer, model, data), minus the bookkeeping.
     d = distmod.init()
     seed_everything(cfg.train.seed)
-    tokenizer, data = bench.tunelab_data(cfg)
+    tokenizer, batches = bench.tunelab_data(cfg)
     model = models.build_model(cfg.model.preset, tokenizer, cfg.model.overrides, cfg.model.attn_implementation)
     run = open_run_dir(work / "run", resume=False)
     method = create_method(cfg.method.name, cfg.method.options)
+    ctx = MethodContext(device=d.device, dist=d, recipe=cfg, tokenizer=tokenizer, max_steps=cfg.train.max_steps,
+                        seed=cfg.train.seed)
+    model = method.prepare(model, ctx).to(d.device)
 
     print("load of other processes:", f"{bench.wait_for_quiet(120):.0%}")
     with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=False,
                  schedule=schedule(wait=0, warmup=args.skip, active=args.active, repeat=1)) as prof:
         progress = ProfilerProgress(prof)
-        train(model, tokenizer, method, data, cfg, run, d, progress=progress, log=lambda *a: None)
+        train(model, method, batches, lambda m, s: {}, cfg, dump_config(cfg), run, d, ctx, progress=progress,
+              log=lambda *a: None)
     step_s = [b - a for a, b in zip(progress.marks, progress.marks[1:])]
     recorded = step_s[args.skip:args.skip + args.active]
     wall_us = sum(recorded) * 1e6

@@ -19,33 +19,54 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 SET_HELP = "Override a recipe value by dotted path, e.g. --set train.max_steps=100 (value parsed as YAML)."
 DEFAULT_EVAL = ["builtin:prose", "builtin:code", "builtin:tests"]
+BASE_HELP = "For an adapter directory: its base model, if it moved since training."
+
+
+RECIPE_HELP = "Recipe YAML file, or the name of a shipped recipe."
+OUT_HELP = "Run directory (default runs/<recipe name>)."
+RESUME_HELP = "Continue the same run from its newest intact checkpoint (the recipe must not change, bar safe keys)."
+
+
+def _train(kind: str, recipe: str, set_: list[str], out: Optional[Path], resume: bool, quiet: bool) -> None:
+    from tunelab.config import load_recipe
+    from tunelab.stages import run_stage
+
+    run_stage(load_recipe(recipe, set_, kind=kind), out=out, resume=resume, quiet=quiet)
 
 
 @app.command()
-def pretrain(recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe."),
+def pretrain(recipe: str = typer.Argument(..., help=RECIPE_HELP),
              set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-             out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe name>)."),
-             resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint."),
+             out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
+             resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
              quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines.")):
-    """Train a model from a recipe (pretraining, continued pretraining, full or bitfit fine-tuning)."""
-    from tunelab.config import load_recipe
-    from tunelab.pretrain import pretrain as run_pretrain
+    """Train a model from a recipe: pretraining or continued pretraining, with any method."""
+    _train("pretrain", recipe, set_, out, resume, quiet)
 
-    cfg = load_recipe(recipe, set_)
-    run_pretrain(cfg, out=out, resume=resume, quiet=quiet)
+
+@app.command()
+def finetune(recipe: str = typer.Argument(..., help=RECIPE_HELP),
+             set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+             out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
+             resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+             quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines.")):
+    """Fine-tune a trained model (model.path) from a recipe; the method defaults to LoRA (final/ is an adapter)."""
+    _train("finetune", recipe, set_, out, resume, quiet)
 
 
 @app.command("eval")
-def eval_(model_dir: str = typer.Argument(..., help="A saved model directory (e.g. runs/NAME/final)."),
+def eval_(model_dir: str = typer.Argument(..., help="A saved model or adapter directory (e.g. runs/NAME/final)."),
           data: list[str] = typer.Option([], "--data", help="Source to evaluate (repeatable); default: all built-in domains."),
           seq_len: int = typer.Option(256, "--seq-len"),
           max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens per domain."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+          base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
           quiet: bool = typer.Option(False, "--quiet")):
-    """Held-out loss, perplexity and bits per byte of a model on each data domain."""
+    """Loss, perplexity and bits per byte of a model on each data domain (a source the model's run trained on:
+    its held-out split; any other source: all of it)."""
     from tunelab.evaluate import evaluate_model
 
-    results = evaluate_model(model_dir, data or DEFAULT_EVAL, seq_len=seq_len, max_tokens=max_tokens,
+    results = evaluate_model(model_dir, data or DEFAULT_EVAL, seq_len=seq_len, max_tokens=max_tokens, base=base,
                              log=(lambda *a: None) if (quiet or as_json) else _stderr)
     if as_json:
         print(json.dumps(results, indent=2))
@@ -58,23 +79,24 @@ def eval_(model_dir: str = typer.Argument(..., help="A saved model directory (e.
         table.add_column(col, justify="left" if col == "domain" else "right")
     for domain, r in results.items():
         table.add_row(domain, f"{r['loss']:.4f}", f"{r['ppl']:.2f}", f"{r['bpb']:.4f}" if r["bpb"] else "-",
-                      f"{r['tokens']:,}")
+                      f"{r['eval_tokens']:,}")
     Console().print(table)
 
 
 @app.command()
-def generate(model_dir: str = typer.Argument(..., help="A saved model directory."),
+def generate(model_dir: str = typer.Argument(..., help="A saved model or adapter directory."),
              prompt: str = typer.Option(..., "--prompt"),
              max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
              greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
              temperature: float = typer.Option(0.8, "--temperature", min=0.01),
              top_k: int = typer.Option(50, "--top-k", min=0),
-             seed: int = typer.Option(0, "--seed")):
+             seed: int = typer.Option(0, "--seed"),
+             base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP)):
     """Continue a prompt with a saved model."""
     from tunelab.evaluate import generate_text
 
     print(generate_text(model_dir, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
-                        top_k=top_k, seed=seed))
+                        top_k=top_k, seed=seed, base=base))
 
 
 @app.command()
@@ -90,12 +112,26 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="
 @app.command("run")
 def run_pipeline(pipeline: Path = typer.Argument(..., help="Pipeline YAML: a list of stages."),
                  out: Optional[Path] = typer.Option(None, "--out", help="Where stage outputs go (default runs/<name>)."),
-                 set_: list[str] = typer.Option([], "--set", help="Override applied to every pretrain stage."),
+                 set_: list[str] = typer.Option([], "--set", help="Override applied to every training stage."),
                  quiet: bool = typer.Option(False, "--quiet")):
     """Run a pipeline's stages in order, skipping those already done with the same resolved config."""
     from tunelab.pipeline import run_pipeline as run
 
     run(pipeline, out=out, quiet=quiet, overrides=set_)
+
+
+@app.command("export")
+def export_(source: str = typer.Argument(..., metavar="RUN_OR_ADAPTER",
+                                         help="A run directory (its final/), a model directory or a LoRA adapter."),
+            out: Path = typer.Option(..., "--out", help="New directory to write (must not exist, or be empty)."),
+            merge: bool = typer.Option(False, "--merge", help="Fold a LoRA adapter into its base model."),
+            base: Optional[str] = typer.Option(None, "--base", help="The adapter's base model, if it moved."),
+            quiet: bool = typer.Option(False, "--quiet")):
+    """Write a standalone HF model directory (plain AutoModelForCausalLM loads it), with lineage.json."""
+    from tunelab.export import export_model
+
+    export_model(source, out, merge=merge, base=base, log=(lambda *a: None) if quiet else _stderr)
+    print(out)
 
 
 def _stderr(*parts) -> None:

@@ -109,7 +109,9 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0)  # sgd only
     grad_clip: float | None = Field(1.0, gt=0)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 where the device runs it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32.
+    # The run's config.yaml holds the precision actually used (train/precision.py decides).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     seed: int = 0
     log_every: int = Field(10, ge=1)
@@ -124,8 +126,8 @@ class MethodConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)  # method-specific, validated by the method
 
 
-class RecipeConfig(Section):
-    kind: Literal["pretrain"] = "pretrain"
+class TrainingRecipe(Section):
+    """The sections every training stage shares; each kind below adds its own rules."""
     name: str = "run"
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -134,26 +136,54 @@ class RecipeConfig(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "RecipeConfig":
-        from tunelab.methods import METHODS
-
-        if self.method.name not in METHODS:
-            hint = _did_you_mean(self.method.name, METHODS)
-            raise ValueError(f"method.name: unknown method {self.method.name!r}{hint}")
-        if self.model.path is None:
-            from tunelab.errors import ModelError
-            from tunelab.models import check_preset
-
-            try:
-                check_preset(self.model.preset, self.model.overrides)
-            except ModelError as err:
-                raise ValueError(str(err)) from None
-        options = METHODS[self.method.name].Options
-        try:  # method options are part of the recipe: validate them now, not when training starts
-            options.model_validate(self.method.options)
-        except ValidationError as err:
-            raise ValueError(format_validation_error(err, "method.options", options)) from None
+    def _cross_checks(self) -> "TrainingRecipe":
+        if self.model.path is None and self.model.preset not in PRESET_NAMES:
+            raise ValueError(f"model.preset: unknown preset {self.model.preset!r}"
+                             f"{did_you_mean(self.model.preset, PRESET_NAMES)}; known: {', '.join(PRESET_NAMES)}")
+        eval_names = [s.domain for s in self.data.eval]
+        clash = set(eval_names) & {s.domain for s in self.data.train}
+        if clash:  # an eval-only source would silently shadow (or be shadowed by) a training domain
+            raise ValueError(f"data.eval: domain {sorted(clash)[0]!r} is also a training source; a training "
+                             "source is always scored on its held-out split: remove it from data.eval or give it "
+                             "another name")
+        dupes = sorted({n for n in eval_names if eval_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"data.eval: two sources named {dupes[0]!r}: give one a name")
         return self
+
+
+class PretrainRecipe(TrainingRecipe):
+    """Pretraining or continued pretraining: any model (a preset or model.path), any method."""
+    kind: Literal["pretrain"] = "pretrain"
+
+
+class FinetuneRecipe(TrainingRecipe):
+    """Fine-tuning a trained model: model.path is required; the method defaults to LoRA."""
+    kind: Literal["finetune"] = "finetune"
+    method: MethodConfig = Field(default_factory=lambda: MethodConfig(name="lora"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_by_default(cls, data: Any) -> Any:
+        # `method.options` given without `method.name` are LoRA's options here, not full's.
+        if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
+            data = {**data, "method": {**data["method"], "name": "lora"}}
+        return data
+
+    @model_validator(mode="after")
+    def _needs_a_trained_model(self) -> "FinetuneRecipe":
+        if self.model.path is None:
+            raise ValueError("model.path: a finetune starts from a trained model: set model.path "
+                             "(e.g. runs/quickstart/final, or --set model.path=DIR)")
+        return self
+
+
+# The recipe is a union discriminated by `kind`: validate_recipe picks the class from this table, so
+# each kind validates its own sections. Later kinds (distill, merge, prune, ...) join it.
+RECIPE_KINDS: dict[str, type[Section]] = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe}
+RecipeConfig = TrainingRecipe  # the type every training recipe has (for annotations)
+# Preset names live here (models.py holds their architectures) so the schema needs no import of models.
+PRESET_NAMES = ("llama-micro", "llama-tiny", "llama-small", "bert-tiny")
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -177,7 +207,7 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=YamlLoader)
 
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -244,7 +274,7 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
     path = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
         owner = _model_at(loc, root)
-        hint = _did_you_mean(loc[-1], owner.model_fields) if owner else ""
+        hint = did_you_mean(loc[-1], owner.model_fields) if owner else ""
         msg = f"unknown key{hint}"
     else:
         msg = first["msg"].removeprefix("Value error, ")
@@ -255,7 +285,7 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
     return f"{source}: {path}: {msg}{tail}" if loc else f"{source}: {msg}{tail}"
 
 
-def validate(data: dict, source: str, cls: type[BaseModel] = RecipeConfig):
+def validate(data: dict, source: str, cls: type[BaseModel]):
     try:
         return cls.model_validate(data)
     except ValidationError as err:
@@ -291,7 +321,7 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     if shipped.is_file():
         return shipped
     names = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"{name_or_path}: no such recipe file{_did_you_mean(p.stem, names)}; shipped: {', '.join(names)}")
+    raise ConfigError(f"{name_or_path}: no such recipe file{did_you_mean(p.stem, names)}; shipped: {', '.join(names)}")
 
 
 def expand_shorthands(data: dict) -> dict:
@@ -304,10 +334,41 @@ def expand_shorthands(data: dict) -> dict:
     return data
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+def validate_recipe(data: dict, source: str, kind: str | None = None) -> TrainingRecipe:
+    """Validate a recipe mapping as its `kind` (default: the `kind` argument, else pretrain).
+
+    `kind` is the stage the user asked for (`tunelab finetune` -> finetune): a recipe without a
+    kind takes it; one that names another kind is refused rather than silently reinterpreted.
+    Method options are validated here too (by the method's own Options model), so a typo in
+    them fails before any work. Imports no torch: method modules import it inside their hooks.
+    """
+    data = dict(data)
+    named = data.get("kind")
+    if named is not None and kind is not None and named != kind:
+        raise ConfigError(f"{source}: kind: this is a {named!r} recipe; run it with `tunelab {named}` "
+                          f"(or change kind to {kind!r})")
+    data["kind"] = named or kind or "pretrain"
+    if data["kind"] not in RECIPE_KINDS:
+        raise ConfigError(f"{source}: kind: unknown kind {data['kind']!r}{did_you_mean(data['kind'], RECIPE_KINDS)}; "
+                          f"known: {', '.join(RECIPE_KINDS)}")
+    cfg = validate(data, source, RECIPE_KINDS[data["kind"]])
+    from tunelab.methods import method_class  # a registry of names: imports only the one method's module
+
+    try:
+        options = method_class(cfg.method.name).Options
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    try:
+        options.model_validate(cfg.method.options)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, f"{source}: method.options", options)) from None
+    return cfg
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, kind: str | None = None) -> TrainingRecipe:
     path = resolve_recipe_path(name_or_path)
     data = apply_overrides(expand_shorthands(read_yaml(path)), list(overrides or []))
-    return validate(data, str(path))
+    return validate_recipe(data, str(path), kind)
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -8,67 +8,82 @@ import torch
 
 from tunelab import models
 from tunelab.config import SourceSpec, _as_source_list, validate
-from tunelab.pretrain import resolve_cache_dir
+from tunelab.stages.setup import resolve_cache_dir
 
 
-def run_data_config(model_dir: str):
-    """The data section of the run that wrote `model_dir` (its final/ or a checkpoint), else the defaults.
+def run_recipe(model_dir: str) -> dict | None:
+    """The resolved recipe of the run that wrote `model_dir` (its final/ or a checkpoint), if any.
 
-    Evaluation must hold out the same split (eval_fraction) and mask the same way (packing) as training.
+    Evaluation must hold out the same split (eval_fraction), mask the same way (packing, MLM
+    probability) and know which sources the model was trained on.
     """
     import yaml
-
-    from tunelab.config import DataConfig
 
     for candidate in (Path(model_dir).parent / "config.yaml", Path(model_dir).parent.parent / "config.yaml"):
         if candidate.is_file():
             try:
-                data = yaml.safe_load(candidate.read_text())["data"]
-                return DataConfig(eval_fraction=data["eval_fraction"], packing=data["packing"])
-            except (KeyError, TypeError, ValueError, yaml.YAMLError):
-                break
-    return DataConfig()
+                recipe = yaml.safe_load(candidate.read_text())
+                return recipe if isinstance(recipe, dict) and isinstance(recipe.get("data"), dict) else None
+            except yaml.YAMLError:
+                return None
+    return None
 
 
 def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_tokens: int | None = None,
-                   eval_fraction: float | None = None, log=print) -> dict:
-    """Per-domain loss / perplexity / bits per byte on each source's held-out split.
+                   eval_fraction: float | None = None, base: str | None = None, log=print) -> dict:
+    """Per-domain loss / perplexity / bits per byte of a model (or adapter) directory.
 
-    The held-out split is the one training leaves out: same rule, and the same eval_fraction as
-    the run that produced the model (read from its config.yaml), so a model is never scored on
-    text it was trained on from that source.
+    A source the model's run trained on is scored on its held-out split only (same rule and
+    eval_fraction as the run, so a model is never scored on text it was trained on); any other
+    source is scored whole, as training scores its eval-only sources.
     """
-    run_data = run_data_config(model_dir)
-    if eval_fraction is None:
-        eval_fraction = run_data.eval_fraction
-    from tunelab.data import tokenize_sources
+    from tunelab.config import DataConfig, TrainConfig
+    from tunelab.data import tokenize_source
     from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
 
+    recipe = run_recipe(model_dir) or {}
+    run_data = recipe.get("data", {})
+    defaults = DataConfig()
+    eval_fraction = eval_fraction or run_data.get("eval_fraction", defaults.eval_fraction)
+    packing = run_data.get("packing", defaults.packing)
+    trained_on = {_same_source(s.get("source")) for s in run_data.get("train", []) if isinstance(s, dict)}
+    mlm_probability = recipe.get("train", {}).get("mlm_probability", TrainConfig().mlm_probability)
+
     tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
-    model = models.load_model(model_dir, field="MODEL_DIR")
+    model = models.load_model(model_dir, field="MODEL_DIR", base=base)
     seq_len = min(seq_len, models.max_positions(model) or seq_len)
     models.check_pair(model, tokenizer, seq_len)
     specs = [validate(s, "--data", SourceSpec) for s in _as_source_list(sources)]
     eos = models.eos_id(tokenizer)
-    tokenized = tokenize_sources(specs, tokenizer, eos, resolve_cache_dir(), eval_fraction, log=log)
     objective = "mlm" if models.is_encoder(model) else "clm"
     label_fn = None
     if objective == "mlm":
         from tunelab.train.objectives import fixed_mlm_labeler
 
-        label_fn = fixed_mlm_labeler(tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids))
+        label_fn = fixed_mlm_labeler(tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids),
+                                     mlm_probability)
     byte_lengths = token_byte_lengths(tokenizer)
-    return {src.domain: evaluate_tokens(model, src.eval, seq_len, eos_id=eos,
-                                        document_mask=run_data.packing == "document",
-                                        byte_lengths=byte_lengths, max_tokens=max_tokens, objective=objective,
-                                        label_fn=label_fn)
-            for src in tokenized}
+    results = {}
+    for spec in specs:
+        src = tokenize_source(spec, tokenizer, eos, resolve_cache_dir(), eval_fraction, log=log,
+                              split=_same_source(spec.source) in trained_on)
+        results[src.domain] = evaluate_tokens(model, src.eval, seq_len, eos_id=eos, document_mask=packing == "document",
+                                              byte_lengths=byte_lengths, max_tokens=max_tokens, objective=objective,
+                                              label_fn=label_fn, loss_mask=src.eval_mask)
+    return results
+
+
+def _same_source(source: str | None) -> str | None:
+    """A source string in a comparable form (a relative and an absolute path to one file are one source)."""
+    if not source or ":" in source.split("/")[0]:  # builtin:..., hf:...
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 64, greedy: bool = False,
-                  temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> str:
+                  temperature: float = 0.8, top_k: int = 50, seed: int = 0, base: str | None = None) -> str:
     tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
-    model = models.load_model(model_dir, field="MODEL_DIR")
+    model = models.load_model(model_dir, field="MODEL_DIR", base=base)
     if models.is_encoder(model):
         from tunelab.errors import ModelError
 
@@ -81,9 +96,11 @@ def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 64, greedy:
     limit = models.max_positions(model)
     if limit is not None:
         max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
+    # `or` would treat pad id 0 as missing.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else models.eos_id(tokenizer)
     sampling = {} if greedy else {"temperature": temperature, "top_k": top_k or None}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=not greedy, pad_token_id=tokenizer.pad_token_id or models.eos_id(tokenizer),
+                             do_sample=not greedy, pad_token_id=pad_id,
                              **sampling)
     return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -83,6 +83,9 @@ def load_tokenizer(path: str, field: str = "tokenizer.path"):
     from transformers import AutoTokenizer
 
     check_exists(path, field)
+    has_tokenizer = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    if is_adapter_dir(path) and not has_tokenizer:
+        path = adapter_base(path, field)  # a bare PEFT adapter (not saved by us): its base's tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -127,16 +130,16 @@ def check_preset(preset: str, overrides: dict) -> None:
 
     HF configs accept any keyword silently: a typo would train a different model than asked for.
     """
-    from tunelab.config import _did_you_mean
+    from tunelab.config import did_you_mean
 
     if preset not in PRESETS:
-        raise ModelError(f"model.preset: unknown preset {preset!r}{_did_you_mean(preset, PRESETS)}; "
+        raise ModelError(f"model.preset: unknown preset {preset!r}{did_you_mean(preset, PRESETS)}; "
                          f"known: {', '.join(PRESETS)}")
     config_cls = _config_class(PRESETS[preset][0])
     known = set(config_cls().to_dict())
     for key in overrides:
         if key not in known:
-            raise ModelError(f"model.overrides.{key}: not a {config_cls.__name__} field{_did_you_mean(key, known)}")
+            raise ModelError(f"model.overrides.{key}: not a {config_cls.__name__} field{did_you_mean(key, known)}")
     try:  # values too: e.g. a hidden size that the number of heads does not divide
         config_cls(**{**PRESETS[preset][1], **overrides})
     except Exception as err:
@@ -165,10 +168,14 @@ def build_model(preset: str, tokenizer, overrides: dict | None = None, attn_impl
         raise ModelError(f"model.overrides: cannot build {preset} ({_first_error(err)})") from None
 
 
-def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model.path"):
+def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model.path", merge: bool = False,
+               base: str | None = None):
+    """A saved model directory, or a PEFT adapter directory (see load_adapter: `merge`, `base`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     check_exists(path, field)
+    if is_adapter_dir(path):
+        return load_adapter(path, attn_implementation, field, merge=merge, base=base)[0]
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -200,3 +207,88 @@ def check_pair(model, tokenizer, seq_len: int) -> None:
 
 def count_params(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------- adapters and weight hashes
+
+ADAPTER_INFO = "tunelab_adapter.json"  # written next to adapter_config.json by methods/lora.py
+
+
+def weights_sha256(model_or_state_dict) -> str:
+    """sha256 of a model's weights: sorted names, dtype, shape and raw bytes of every tensor.
+
+    A tensor shared under several names (tied embeddings) is hashed once, under its first name in
+    sorted order, so a model and its save_pretrained/from_pretrained reload hash the same.
+    """
+    import hashlib
+
+    import torch
+
+    state = model_or_state_dict if isinstance(model_or_state_dict, dict) else model_or_state_dict.state_dict()
+    digest, seen = hashlib.sha256(), set()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def is_adapter_dir(path) -> bool:
+    """A PEFT adapter directory (adapter_config.json), as written by method lora's save_final."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_info(path) -> dict:
+    """adapter_config.json merged with tunelab_adapter.json (base path, base weight hash), if present."""
+    import json
+
+    info = json.loads((Path(path) / "adapter_config.json").read_text())
+    extra = Path(path) / ADAPTER_INFO
+    if extra.is_file():
+        info.update(json.loads(extra.read_text()))
+    return info
+
+
+def adapter_base(path, field: str = "model.path", base: str | None = None) -> str:
+    """The base model an adapter was trained on; a one-line error when it is not there."""
+    base = base or adapter_info(path).get("base_model_name_or_path")
+    missing = not base or (base.startswith((".", "/", "~")) and not Path(base).expanduser().exists())
+    if missing:
+        raise ModelError(f"{field}: {path} is an adapter whose base model {base or '(not recorded)'} does not exist; "
+                         "pass the base model directory explicitly (--base DIR) or restore it at that path")
+    return base
+
+
+def load_adapter(path, attn_implementation: str = "sdpa", field: str = "model.path", merge: bool = False,
+                 base: str | None = None):
+    """(model, base path, base weights sha256) for an adapter directory, in eval mode.
+
+    The base is loaded with load_model (so an adapter on an adapter works: its base comes back
+    merged) and refused when its hash differs from the one recorded at training time: an adapter
+    applied to other weights runs, but computes something nobody trained. merge=True folds the
+    adapter into the base (a plain transformers model); else a peft.PeftModel, which computes
+    exactly what was trained.
+    """
+    import warnings
+
+    from peft import PeftModel
+
+    base = adapter_base(path, field, base)
+    base_model = load_model(base, attn_implementation, field=f"{field} (base of {path})", merge=True)
+    base_hash = weights_sha256(base_model)
+    expected = adapter_info(path).get("base_weights_sha256")
+    if expected and expected != base_hash:
+        raise ModelError(f"{field}: {path} was trained on a different base (hash mismatch): {base} has weights "
+                         f"sha256 {base_hash[:12]}..., the adapter expects {expected[:12]}...; pass the base it "
+                         "was trained on")
+    with warnings.catch_warnings():  # peft 0.21 probes a property transformers 5 deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False)
+    if merge:
+        model = model.merge_and_unload()
+    return model.eval(), base, base_hash

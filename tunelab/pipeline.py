@@ -3,22 +3,26 @@
     name: demo
     stages:
       - name: base                      # output: <out>/base (a run directory)
-        pretrain: quickstart            # a recipe file (relative to this YAML) or shipped recipe name
-        set: {train.max_steps: 50}
-      - name: domain
-        pretrain: quickstart
-        set: {model.path: "${base}", data.train: builtin:code}   # ${stage} = that stage's final model
+        pretrain: quickstart            # any training kind (pretrain, finetune, ...): a recipe file
+        set: {train.max_steps: 50}      #   (relative to this YAML) or a shipped recipe name
+      - name: code-lora
+        finetune: lora-code
+        set: {model.path: "${base}"}    # ${stage} = that stage's final model (or eval.json)
       - name: score
-        eval: "${domain}"               # a model directory
+        eval: "${code-lora}"            # a model or adapter directory
         data: [builtin:prose, builtin:code]
 
-A stage whose output exists for the same resolved config is skipped, so re-running a pipeline
-after a crash or an added stage only does the missing work. A stage that was interrupted resumes
-from its newest checkpoint.
+Each stage has a key: the hash of its resolved recipe, the keys of the stages it names and the
+content hashes of its data (and of an outside model.path). A stage whose directory holds a
+finished output with the same key is skipped; one interrupted with the same key resumes. When
+the key changed (its recipe, its data, or an upstream stage was retrained), the stage runs again
+into a fresh directory `<name>.<key[:8]>`, so no earlier output is overwritten, and everything
+downstream re-runs with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -27,28 +31,43 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunelab.config import (apply_overrides, dump_config, expand_shorthands, read_yaml, resolve_recipe_path,
-                            validate)
+                            validate, validate_recipe)
 from tunelab.errors import ConfigError
 from tunelab.runs import atomic_write
 
 REF = re.compile(r"\$\{([A-Za-z0-9_.-]+)\}")
+EVAL_KIND = "eval"
+
+
+def _kinds() -> list[str]:
+    from tunelab.stages import STAGES
+
+    return [*STAGES, EVAL_KIND]
 
 
 class Stage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    pretrain: str | None = None  # recipe
-    eval: str | None = None  # model directory (or ${stage})
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    kind: str  # a registered stage kind, or eval
+    target: str  # the recipe (training kinds) or the model directory (eval)
     set: dict[str, Any] = Field(default_factory=dict)
     data: list[str] = Field(default_factory=lambda: ["builtin:prose", "builtin:code", "builtin:tests"])
     seq_len: int = 256
     max_tokens: int | None = None
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> "Stage":
-        if (self.pretrain is None) == (self.eval is None):
-            raise ValueError("a stage needs exactly one of `pretrain: RECIPE` or `eval: MODEL_DIR`")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_key(cls, data: Any) -> Any:
+        """`pretrain: RECIPE` (or any registered kind) -> kind + target."""
+        if not isinstance(data, dict) or "kind" in data:
+            return data
+        data = dict(data)
+        found = [k for k in _kinds() if k in data]
+        if len(found) != 1:
+            raise ValueError(f"a stage needs exactly one of {', '.join(f'`{k}:`' for k in _kinds())} "
+                             f"(got {', '.join(found) or 'none'})")
+        data["kind"], data["target"] = found[0], data.pop(found[0])
+        return data
 
 
 class Pipeline(BaseModel):
@@ -65,67 +84,103 @@ class Pipeline(BaseModel):
         return self
 
 
-def _substitute(value: Any, outputs: dict[str, Path], stage: str) -> Any:
+def _substitute(value: Any, outputs: dict[str, Path], stage: str, used: set[str]) -> Any:
     if isinstance(value, str):
         def repl(m):
             ref = m.group(1)
             if ref not in outputs:
-                raise ConfigError(f"stage {stage}: ${{{ref}}} names no earlier stage (earlier: {', '.join(outputs) or 'none'})")
+                raise ConfigError(f"stage {stage}: ${{{ref}}} names no earlier stage "
+                                  f"(earlier: {', '.join(outputs) or 'none'})")
+            used.add(ref)
             return str(outputs[ref])
         return REF.sub(repl, value)
     if isinstance(value, list):
-        return [_substitute(v, outputs, stage) for v in value]
+        return [_substitute(v, outputs, stage, used) for v in value]
     if isinstance(value, dict):
-        return {k: _substitute(v, outputs, stage) for k, v in value.items()}
+        return {k: _substitute(v, outputs, stage, used) for k, v in value.items()}
     return value
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _data_hashes(sources: list, cache: Path, log) -> dict:
+    from tunelab.data import source_content_hash
+
+    return {s.source: source_content_hash(s, cache, log=log) for s in sources}
+
+
+def _stage_dir(root: Path, name: str, key: str) -> Path:
+    """<root>/<name> when free or holding this key; else <root>/<name>.<key[:8]> (never overwritten)."""
+    for candidate in (root / name, root / f"{name}.{key[:8]}"):
+        record = candidate / "stage.json"
+        if not candidate.exists() or (record.is_file() and json.loads(record.read_text()).get("key") == key):
+            return candidate
+        if candidate.is_dir() and not any(candidate.iterdir()):
+            return candidate
+    raise ConfigError(f"{root / name}.{key[:8]} exists but holds another stage: move it away")
 
 
 def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
                  overrides: list[str] | None = None) -> dict[str, Path]:
-    """`overrides` (--set) apply to every pretrain stage, after the stage's own `set`."""
-    from tunelab.config import RecipeConfig
+    """`overrides` (--set) apply to every training stage, after the stage's own `set`."""
+    from tunelab.runs import hash_files
+    from tunelab.stages import run_stage
+    from tunelab.stages.setup import resolve_cache_dir
 
     path = Path(path)
     spec = validate(read_yaml(path), str(path), Pipeline)
     root = Path(out) if out else Path("runs") / spec.name
     root.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: None) if quiet else print
-    outputs: dict[str, Path] = {}  # stage name -> its model directory (final/) or result file
+    outputs: dict[str, Path] = {}  # stage name -> its final model directory, or eval.json
+    keys: dict[str, str] = {}
 
     for stage in spec.stages:
-        stage_dir = root / stage.name
-        resolved = _substitute(stage.model_dump(), outputs, stage.name)
-        if stage.pretrain is not None:
-            recipe_path = _recipe_path(resolved["pretrain"], path.parent)
+        used: set[str] = set()
+        resolved = _substitute(stage.model_dump(), outputs, stage.name, used)
+        upstream = {ref: keys[ref] for ref in sorted(used)}
+        if stage.kind == EVAL_KIND:
+            from tunelab.config import SourceSpec, _as_source_list
+
+            sources = [validate(s, f"{path} stage {stage.name}: data", SourceSpec) for s in _as_source_list(resolved["data"])]
+            cache = resolve_cache_dir()
+            key = _key({"stage": resolved, "upstream": upstream, "data": _data_hashes(sources, cache, log)})
+        else:
+            recipe_path = _recipe_path(resolved["target"], path.parent)
             data = expand_shorthands(read_yaml(recipe_path))
             data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in resolved["set"].items()]
                                    + list(overrides or []))
-            cfg = validate(data, f"{path} stage {stage.name}", RecipeConfig)
-            outputs[stage.name] = stage_dir / "final"
-            if _done(stage_dir / "config.yaml", dump_config(cfg)) and (stage_dir / "final").is_dir():
-                log(f"[{stage.name}] up to date, skipped ({stage_dir})")
-                continue
-            from tunelab.pretrain import pretrain
-
-            log(f"[{stage.name}] pretrain {recipe_path.name} -> {stage_dir}")
-            pretrain(cfg, out=stage_dir, resume=(stage_dir / "config.yaml").exists() and
-                     _done(stage_dir / "config.yaml", dump_config(cfg), ignore=("train.max_steps",)),
-                     quiet=quiet)
-        else:
-            result_file = stage_dir / "eval.json"
-            outputs[stage.name] = result_file
-            fingerprint = json.dumps(resolved, sort_keys=True)
-            if _done(stage_dir / "stage.json", fingerprint) and result_file.is_file():
-                log(f"[{stage.name}] up to date, skipped ({result_file})")
-                continue
+            cfg = validate_recipe(data, f"{path} stage {stage.name}", kind=stage.kind)
+            cache = resolve_cache_dir(cfg.data.cache_dir)
+            model_path = cfg.model.path
+            outside = model_path and not any(str(outputs[r]) == model_path for r in used) and Path(model_path).is_dir()
+            key = _key({"recipe": dump_config(cfg), "upstream": upstream,
+                        "data": _data_hashes(cfg.data.train + cfg.data.eval, cache, log),
+                        "model": hash_files(sorted(Path(model_path).glob("*.safetensors"))) if outside else None})
+        stage_dir = _stage_dir(root, stage.name, key)
+        keys[stage.name] = key
+        record = stage_dir / "stage.json"
+        done = record.is_file() and json.loads(record.read_text()).get("status") == "done"
+        outputs[stage.name] = stage_dir / ("eval.json" if stage.kind == EVAL_KIND else "final")
+        if done and outputs[stage.name].exists():
+            log(f"[{stage.name}] up to date, skipped ({stage_dir})")
+            continue
+        started = record.is_file()
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(record, json.dumps({"key": key, "kind": stage.kind, "upstream": upstream, "status": "running"}))
+        if stage.kind == EVAL_KIND:
             from tunelab.evaluate import evaluate_model
 
-            log(f"[{stage.name}] eval {resolved['eval']} on {', '.join(resolved['data'])}")
-            results = evaluate_model(resolved["eval"], resolved["data"], seq_len=stage.seq_len,
+            log(f"[{stage.name}] eval {resolved['target']} on {', '.join(resolved['data'])}")
+            results = evaluate_model(resolved["target"], resolved["data"], seq_len=stage.seq_len,
                                      max_tokens=stage.max_tokens, log=log)
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(result_file, json.dumps(results, indent=2))
-            atomic_write(stage_dir / "stage.json", fingerprint)
+            atomic_write(outputs[stage.name], json.dumps(results, indent=2))
+        else:
+            log(f"[{stage.name}] {stage.kind} {recipe_path.name} -> {stage_dir}")
+            run_stage(cfg, out=stage_dir, resume=started and (stage_dir / "config.yaml").exists(), quiet=quiet)
+        atomic_write(record, json.dumps({"key": key, "kind": stage.kind, "upstream": upstream, "status": "done"}))
     log(f"pipeline {spec.name}: {len(spec.stages)} stages, outputs in {root}")
     return outputs
 
@@ -133,21 +188,3 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
 def _recipe_path(name: str, base: Path) -> Path:
     candidate = base / name
     return candidate if candidate.is_file() else resolve_recipe_path(name)
-
-
-def _done(saved: Path, current: str, ignore: tuple[str, ...] = ()) -> bool:
-    """True when the stage's saved config equals the current one (minus `ignore`d dotted keys)."""
-    if not saved.is_file():
-        return False
-    if not ignore:
-        return saved.read_text() == current
-    import yaml
-
-    a, b = yaml.safe_load(saved.read_text()), yaml.safe_load(current)
-    for key in ignore:
-        for d in (a, b):
-            *parents, last = key.split(".")
-            for p in parents:
-                d = d.get(p, {})
-            d.pop(last, None)
-    return a == b

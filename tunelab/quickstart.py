@@ -17,13 +17,13 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
     from rich.table import Table
 
     from tunelab.evaluate import generate_text
-    from tunelab.pretrain import pretrain
+    from tunelab.stages import run_stage
     from tunelab.runs import read_metrics
 
     console = Console(quiet=quiet)
     cfg = load_recipe("quickstart", overrides)
     resume = (Path(out) / "config.yaml").exists()  # re-running the quickstart continues/finishes the same run
-    run_dir = pretrain(cfg, out=out, resume=resume, quiet=quiet)
+    run_dir = run_stage(cfg, out=out, resume=resume, quiet=quiet)
 
     final_step = max(e["step"] for e in read_metrics(run_dir / "metrics.jsonl") if e.get("event") == "eval")
     table = Table(title=f"held-out evaluation after {final_step} steps")

@@ -24,7 +24,7 @@ def tiny_recipe(path: Path, corpus: Path, **train) -> Path:
         "model": {"preset": "llama-micro"},
         "tokenizer": {"vocab_size": 384, "train_bytes": 200_000},
         "data": {"train": str(corpus), "seq_len": 32},
-        "train": {"max_steps": 12, "micro_batch_size": 4, "lr": 3e-3, "log_every": 1, "eval_every": 6,
+        "train": {"max_steps": 12, "micro_batch_size": 4, "lr": 3e-3, "log_every": 1, "eval_every": 6, "precision": "fp32",
                   "eval_max_tokens": 512, "checkpoint_every": 3, "keep_checkpoints": 2,
                   "schedule": {"name": "cosine", "warmup_steps": 2}, **train},
     }
@@ -38,10 +38,10 @@ def test_run_directory_and_hf_reload(tmp_path, corpus_dir):
 
     from tunelab import models
     from tunelab.config import load_recipe
-    from tunelab.pretrain import pretrain
+    from tunelab.stages import run_stage
 
     cfg = load_recipe(tiny_recipe(tmp_path / "r.yaml", corpus_dir))
-    run = pretrain(cfg, out=tmp_path / "run", quiet=True)
+    run = run_stage(cfg, out=tmp_path / "run", quiet=True)
 
     for name in ("config.yaml", "metrics.jsonl", "env.json", "lineage.json", "final/config.json"):
         assert (run / name).exists(), name
@@ -57,7 +57,11 @@ def test_run_directory_and_hf_reload(tmp_path, corpus_dir):
     assert steps[-1]["loss"] < steps[0]["loss"]  # it learns something
 
     lineage = json.loads((run / "lineage.json").read_text())
-    assert lineage["parent"] == {"kind": "preset", "preset": "llama-micro", "overrides": {}}
+    parent = lineage["parents"][0]
+    assert lineage["stage"] == "pretrain" and len(lineage["parents"]) == 1
+    assert {k: parent[k] for k in ("role", "kind", "preset", "overrides")} == \
+        {"role": "init", "kind": "preset", "preset": "llama-micro", "overrides": {}}
+    assert len(parent["weights_sha256_in_memory"]) == 64
     assert len(lineage["data"][0]["content_hash"]) == 64 and lineage["data"][0]["train_tokens"] > 0
     env = json.loads((run / "env.json").read_text())
     assert env["packages"]["torch"].startswith("2.13.0")
@@ -138,14 +142,14 @@ def test_ddp_two_processes_match_one(tmp_path, corpus_dir):
 def test_bf16_and_compile_follow_fp32(tmp_path, corpus_dir):
     """bf16 autocast and torch.compile change speed, not the math: first-step losses agree with fp32."""
     from tunelab.config import load_recipe
-    from tunelab.pretrain import pretrain
+    from tunelab.stages import run_stage
 
     losses = {}
     for name, sets in {"fp32": [], "bf16": ["train.precision=bf16"],
                        "compiled": ["train.compile=true"]}.items():
         cfg = load_recipe(tiny_recipe(tmp_path / f"{name}.yaml", corpus_dir, max_steps=3, checkpoint_every=0,
                                       eval_every=0), sets)
-        run = pretrain(cfg, out=tmp_path / name, quiet=True)
+        run = run_stage(cfg, out=tmp_path / name, quiet=True)
         losses[name] = train_losses(run / "metrics.jsonl")
     assert losses["compiled"][1] == pytest.approx(losses["fp32"][1], rel=1e-4)
     assert losses["bf16"][1] == pytest.approx(losses["fp32"][1], rel=2e-2)

@@ -58,41 +58,45 @@ def window_indices(n_windows: int, max_windows: int) -> np.ndarray:
 def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, *, eos_id: int, document_mask: bool,
                     byte_lengths: np.ndarray | None, max_tokens: int | None = None, batch_size: int = 8,
                     device: torch.device = torch.device("cpu"), autocast_dtype: torch.dtype | None = None,
-                    objective: str = "clm", label_fn=None) -> dict:
-    """Loss over held-out windows of `tokens`. Returns loss, ppl, bpb (None for MLM), tokens."""
+                    objective: str = "clm", label_fn=None, loss_mask: np.ndarray | None = None) -> dict:
+    """Loss over held-out windows of `tokens`. Returns loss, ppl, bpb (None for MLM), eval_tokens.
+
+    `label_fn(batch, window_indices)` labels MLM windows (deterministic masks); `loss_mask` (1 =
+    target, aligned with `tokens`) excludes tokens from the loss, as in training.
+    """
     from tunelab.data import PackedSequences, collate
+    from tunelab.train.objectives import add_labels
 
     if len(tokens) < 2:
-        return {"loss": float("nan"), "ppl": float("nan"), "bpb": None, "tokens": 0}
+        return {"loss": float("nan"), "ppl": float("nan"), "bpb": None, "eval_tokens": 0}
     # A split shorter than one window is evaluated as one shorter window.
     seq_len = min(seq_len, len(tokens))
-    windows = PackedSequences(tokens, seq_len, eos_id, document_mask)
+    extra = {} if loss_mask is None else {"loss_mask": loss_mask}
+    windows = PackedSequences(tokens, seq_len, eos_id, document_mask, **extra)
     budget = len(windows) if max_tokens is None else max(1, max_tokens // seq_len)
     picked = window_indices(len(windows), budget)
     was_training = model.training
     model.eval()
     total_nats, total_targets, total_bytes = 0.0, 0, 0
     for start in range(0, len(picked), batch_size):
-        batch = collate([windows[int(i)] for i in picked[start:start + batch_size]])
-        if label_fn is not None:  # MLM: deterministic masks from the caller
-            batch = label_fn(batch, start)
+        indices = [int(i) for i in picked[start:start + batch_size]]
+        batch = collate([windows[i] for i in indices])
+        batch = label_fn(batch, indices) if label_fn is not None else add_labels(batch, "clm")
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             # use_cache=False keeps document masking (see methods/base.py lm_loss).
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+        targets = batch["labels"]
         if objective == "clm":
-            targets = batch["input_ids"][:, 1:]
-            logits = logits[:, :-1]
-        else:
-            targets = batch["labels"]
+            targets, logits = targets[:, 1:], logits[:, :-1]
         nats = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                  ignore_index=-100, reduction="sum")
         valid = targets != -100
         total_nats += float(nats)
         total_targets += int(valid.sum())
         if byte_lengths is not None and objective == "clm":
-            total_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
+            total_bytes += int(byte_lengths[targets[valid].cpu().numpy()].sum())
     model.train(was_training)
     loss = total_nats / max(1, total_targets)
     bpb = total_nats / math.log(2) / total_bytes if total_bytes else None
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb, "tokens": total_targets}
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": bpb, "eval_tokens": total_targets}

@@ -1,38 +1,80 @@
-"""The hook protocol through which a training method changes what the loop does.
+"""The method protocol: the only way a training method changes what the loop does.
 
-The loop in train/loop.py calls these, in this order, and nothing else method-specific:
+The loop in train/loop.py calls these hooks, in this order, and nothing method-specific besides:
 
-    model = method.prepare(model)                 # freeze, wrap (peft), add masks, load a teacher
-    params = method.trainable_params(model)       # [(name, param)] handed to the optimizer
-    every micro-batch:  loss = method.loss(model, batch)   # mean loss over the batch's targets
-                        loss.backward()
-    every step:         method.after_backward(model, step)   # e.g. mask gradients (sparse FT)
-                        optimizer.step()
-                        method.after_step(model, step)       # e.g. re-apply pruning masks, LISA layer switch
-    checkpoint:         method.state_dict() / load_state_dict(state)   # JSON-serialisable state
-    end:                method.save_final(model, tokenizer, out_dir)   # HF model, or PEFT adapter
+    set-up:    model = method.prepare(model, ctx)        # freeze, wrap (peft), add masks, load a teacher
+               method.aux_models()                       # {name: AuxModel}: moved to ctx.device, eval mode,
+                                                         #   never in the optimizer or in checkpoints
+               method.batch_source(default, ctx)         # the batches to train on (default: packed text)
+    resume:    method.load_state_dict(state), method.load_tensor_state(tensors)
+               method.load_weights(model, tensors)       # what weights_to_save() saved
+    each step: method.select_trainable(model, step)      # True: the trainable set changed (LISA), so the
+                                                         #   loop rebuilds the optimizer and the DDP wrapper
+               params = method.trainable_params(model)   # [(name, param)] handed to the optimizer
+               every micro-batch:  loss = method.loss(model, batch); backward
+               method.after_backward(model, step)        # e.g. mask gradients (sparse fine-tuning)
+               optimizer.step()
+               method.after_step(model, step)            # e.g. re-apply pruning masks
+    checkpoint: method.state_dict()      -> JSON (state.json)
+                method.tensor_state()    -> tensors (method.safetensors): masks, index sets
+                method.weights_to_save(model) -> None: the whole model; a dict: only these tensors
+                                         (an adapter); the checkpoint then records the base's hash
+    end:        method.save_final(model, tokenizer, out_dir)   # HF model, or a PEFT adapter
 
 A method with no backward pass (MeZO) sets `uses_backward = False` and implements
-`train_step(model, batch, step, lr) -> loss`; the loop then skips backward/optimizer for it.
-Methods are small classes with these defaults; the registry in methods/__init__.py maps names
-to them. Method options come from the recipe's `method.options` and are validated by the
-method's own pydantic `Options` model.
+`train_step(model, batches, step, lr) -> mean loss`; the loop then skips backward and the optimizer.
+
+Methods are small classes with these defaults, registered by name in methods/__init__.py. Options
+come from the recipe's `method.options`, validated by the method's pydantic `Options` model when
+the recipe is loaded. Importing a method module must not import torch (recipes validate without
+it): import heavy libraries inside the hooks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
 
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token (or masked-token) cross-entropy; HF shifts labels inside the model.
+@dataclass
+class MethodContext:
+    """What a method may need at set-up, handed to `prepare` and `batch_source`."""
+    device: Any  # torch.device of this process
+    dist: Any  # train.dist.Dist: rank, world, collectives
+    recipe: Any  # the validated recipe (read-only)
+    tokenizer: Any
+    max_steps: int
+    seed: int
+    run_path: Path | None = None
+    log: Callable = print
+    base_sha256: str | None = None  # hash of the starting weights (before prepare)
+
+
+@dataclass
+class AuxModel:
+    """A model a method owns besides the one being trained (a teacher, a DPO reference).
+
+    It follows the device, is frozen and in eval mode, and is never checkpointed: the checkpoint
+    records `reference` and `sha256`, and a resume refuses an aux model whose hash changed.
+    """
+    module: Any
+    reference: str  # where it came from (a path, a preset), for lineage
+    sha256: str  # content hash of its weights
+    extra: dict = field(default_factory=dict)
+
+
+def lm_loss(model, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    """Mean next-token (or masked-token) cross-entropy over the batch's targets; HF shifts labels.
 
     use_cache=False: with a KV cache transformers ignores restarting position ids, and
     `packing: document` would silently let attention cross documents.
@@ -48,14 +90,29 @@ class Method:
     def __init__(self, options: dict | None = None):
         self.options = self.Options.model_validate(options or {})
 
-    def prepare(self, model):
+    # ---- set-up
+    def prepare(self, model, ctx: MethodContext):
         return model
 
-    def trainable_params(self, model) -> list[tuple[str, torch.nn.Parameter]]:
+    def aux_models(self) -> dict[str, AuxModel]:
+        return {}
+
+    def batch_source(self, default, ctx: MethodContext):
+        """The source of training batches; `default` packs the recipe's text (train/batches.py)."""
+        return default
+
+    # ---- each step
+    def select_trainable(self, model, step: int) -> bool:
+        return False
+
+    def trainable_params(self, model) -> list[tuple[str, "torch.nn.Parameter"]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
         return lm_loss(model, batch)
+
+    def train_step(self, model, batches: list[dict], step: int, lr: float) -> "torch.Tensor":
+        raise NotImplementedError(f"method {self.name} sets uses_backward=False but has no train_step")
 
     def after_backward(self, model, step: int) -> None:
         pass
@@ -63,12 +120,28 @@ class Method:
     def after_step(self, model, step: int) -> None:
         pass
 
+    # ---- checkpoints
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def tensor_state(self) -> dict[str, "torch.Tensor"]:
+        return {}
+
+    def load_tensor_state(self, tensors: dict[str, "torch.Tensor"]) -> None:
+        pass
+
+    def weights_to_save(self, model) -> dict[str, "torch.Tensor"] | None:
+        """None: checkpoints hold the whole model. An adapter returns only its own tensors."""
+        return None
+
+    def load_weights(self, model, tensors: dict[str, "torch.Tensor"]) -> None:
+        """Load what `weights_to_save` returned (only called when it returns a dict)."""
+        raise NotImplementedError
+
+    # ---- end
     def save_final(self, model, tokenizer, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)

@@ -4,7 +4,6 @@ Ben Zaken et al. (2022) tune biases only; Llama-style models have no biases, so 
 (the other per-channel vectors) are included, as in most BitFit ports to modern decoders.
 """
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.errors import ConfigError
@@ -19,6 +18,8 @@ class BitFitOptions(BaseModel):
 def bitfit_params(model, include_norms: bool) -> set[int]:
     """ids of every bias, and of the gains of normalisation layers (found by module type, not by name:
     GPT-2 calls its LayerNorms ln_1/ln_f, Llama calls its RMSNorms input_layernorm)."""
+    import torch
+
     chosen = set()
     for module in model.modules():
         is_norm = isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
@@ -32,7 +33,7 @@ class BitFit(Method):
     name = "bitfit"
     Options = BitFitOptions
 
-    def prepare(self, model):
+    def prepare(self, model, ctx):
         chosen = bitfit_params(model, self.options.include_norms)
         for param in model.parameters():
             param.requires_grad_(id(param) in chosen)

@@ -1,17 +1,21 @@
 """Atomic checkpoints and exact resume.
 
 `checkpoints/step-N/` holds everything needed to continue the very same run:
-    model.safetensors   all model weights
-    optimizer.pt        optimizer state (tensors only: loads with weights_only=True)
-    rng.pt              torch (CPU + CUDA) RNG states; python/numpy states are in state.json
-    state.json          step, tokens, data-loader (mixture) state, method state, world size
+    model.safetensors   all model weights, or
+    adapter.safetensors only the method's own tensors (an adapter: Method.weights_to_save), with
+                        the base weights' sha256 in state.json, checked on resume
+    method.safetensors  the method's tensor state (masks, index sets), when it has any
+    optimizer.pt        optimizer state (tensors only: loads with weights_only=True); absent for
+                        methods without an optimizer (zeroth-order)
+    rng.pt              every process's torch (CPU + CUDA) RNG state; python/numpy ones in state.json
+    state.json          step, tokens, data-loader state, method state, world size, aux-model hashes
     config.yaml         the resolved recipe
     manifest.json       size + sha256 of every file above, written last
 
 A checkpoint is written into `.tmp-step-N-<pid>/` and renamed into place, so a crash at any
 moment leaves either the old set of checkpoints or the new one, never a half-written `step-N`.
 On resume, a checkpoint whose manifest is missing or does not match its files is skipped with
-a message, never loaded.
+a message, never loaded. Only rank 0 writes and decides which checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.yaml")
+from tunelab.errors import RunDirError
+
+REQUIRED = ("rng.pt", "state.json", "config.yaml")
+WEIGHTS = ("model.safetensors", "adapter.safetensors")
 
 
 def _sha256(path: Path) -> str:
@@ -68,8 +75,10 @@ def set_rng_state(tensors: dict, plain: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, g))
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, state: dict, config_yaml: str, keep: int) -> Path:
-    from safetensors.torch import save_model
+def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, method, state: dict, config_yaml: str,
+                    rng: list, keep: int, base_sha256: str | None = None) -> Path:
+    """Write step-N atomically. `rng` holds every process's rng_state() (rank order)."""
+    from safetensors.torch import save_file, save_model
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
@@ -78,19 +87,26 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, state: dict, c
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        # save_model handles tied weights (embeddings shared with the LM head) that save_file rejects.
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng_tensors, rng_plain = rng_state()
-        torch.save(rng_tensors, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "rng": rng_plain}))
+        adapter = method.weights_to_save(model)
+        if adapter is None:
+            # save_model handles tied weights (embeddings shared with the LM head) that save_file rejects.
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file({k: v.detach().contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
+            state = {**state, "base_weights_sha256": base_sha256}
+        tensors = method.tensor_state()
+        if tensors:
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "method.safetensors"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save([tensors_ for tensors_, _ in rng], tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "rng": [plain for _, plain in rng]}))
         (tmp / "config.yaml").write_text(config_yaml)
         manifest = {}
-        for name in FILES:
-            path = tmp / name
+        for path in sorted(tmp.iterdir()):
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-            manifest[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            manifest[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
     except BaseException:  # a failed save leaves no debris; older checkpoints are untouched
@@ -135,10 +151,12 @@ def verify(path: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         return "manifest.json is corrupt"
-    for name in FILES:
-        entry = manifest.get(name)
+    missing = [n for n in REQUIRED if n not in manifest]
+    if missing or not any(n in manifest for n in WEIGHTS):
+        return f"{(missing or ['the weights'])[0]} is not in the manifest"
+    for name, entry in manifest.items():
         file = path / name
-        if entry is None or not file.is_file():
+        if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != entry["size"]:
             return f"{name} has the wrong size"
@@ -167,19 +185,48 @@ class Restored:
     state: dict
 
 
-def load_checkpoint(path: Path, model, optimizer) -> Restored:
-    from safetensors.torch import load_model
+def load_checkpoint(path: Path, model, method, *, rank: int = 0, world: int = 1, base_sha256: str | None = None,
+                    aux_hashes: dict | None = None, log=print) -> Restored:
+    """Weights, method state and this process's RNG from `path` (the optimizer: load_optimizer)."""
+    from safetensors.torch import load_file, load_model
 
-    from tunelab.errors import RunDirError
-
+    state = json.loads((path / "state.json").read_text())
+    adapter = (path / "adapter.safetensors").is_file()
+    if adapter and state.get("base_weights_sha256") != base_sha256:
+        raise RunDirError(f"{path} holds an adapter trained on other base weights (sha256 "
+                          f"{str(state.get('base_weights_sha256'))[:12]}..., this recipe's base {str(base_sha256)[:12]}...): "
+                          "resume with the run's own model.path")
+    for name, saved in state.get("aux", {}).items():
+        now = (aux_hashes or {}).get(name)
+        if now != saved["sha256"]:
+            raise RunDirError(f"{path}: the method's {name} model ({saved['reference']}) changed since the "
+                              "checkpoint (its sha256 differs): resume with the same one")
     try:
-        load_model(model, str(path / "model.safetensors"))
-        if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    except (RuntimeError, ValueError, KeyError) as err:
+        if adapter:
+            method.load_weights(model, load_file(str(path / "adapter.safetensors")))
+        else:
+            load_model(model, str(path / "model.safetensors"))
+        if (path / "method.safetensors").is_file():
+            method.load_tensor_state(load_file(str(path / "method.safetensors")))
+        method.load_state_dict(state.get("method", {}))
+    except (RuntimeError, ValueError, KeyError, NotImplementedError) as err:
         raise RunDirError(f"{path} does not fit the model/method built from the recipe "
                           f"({str(err).splitlines()[0][:160]}): resume with the run's own config.yaml, "
                           "or start a new run with --out DIR") from None
-    state = json.loads((path / "state.json").read_text())
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True), state.pop("rng"))
+    rng_tensors, rng_plain = torch.load(path / "rng.pt", weights_only=True), state.pop("rng")
+    if rank < len(rng_tensors):
+        set_rng_state(rng_tensors[rank], rng_plain[rank])
+    if len(rng_tensors) != world:
+        log(f"warning: {path} was saved by {len(rng_tensors)} process(es), this run has {world}: data order and "
+            "weights continue exactly, random draws (dropout) do not")
     return Restored(step=state["step"], state=state)
+
+
+def load_optimizer(path: Path, optimizer) -> None:
+    if optimizer is None:
+        return
+    try:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as err:
+        raise RunDirError(f"{path}: the optimizer state does not fit this run ({str(err).splitlines()[0][:160]}): "
+                          "resume with the run's own config.yaml") from None

@@ -1,7 +1,9 @@
 """torchrun awareness: process group, device, rank-0 helpers. One process works the same way.
 
 Under `torchrun --nproc-per-node N -m tunelab pretrain ...` the environment carries RANK and
-WORLD_SIZE; we join the process group (gloo on CPU, nccl on GPU) and wrap the model in DDP.
+WORLD_SIZE; we join the process group and wrap the model in DDP. On GPUs the group is
+"cpu:gloo,cuda:nccl": collectives on CUDA tensors go over nccl, the few on CPU tensors (objects,
+checkpoint decisions) over gloo, so no call site has to know which device a tensor is on.
 """
 
 from __future__ import annotations
@@ -29,9 +31,17 @@ class Dist:
         return self.world > 1
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over processes, in place; `value` should live on self.device (no host sync on GPU)."""
         if self.enabled:
             tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
         return value
+
+    def all_gather_object(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         if self.enabled:
@@ -55,7 +65,7 @@ def init() -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not tdist.is_initialized():
-        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        tdist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
 

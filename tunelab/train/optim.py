@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.config import TrainConfig
 
 
 def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -18,9 +17,18 @@ def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_deca
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], cfg) -> torch.optim.Optimizer:
     groups = param_groups(named_params, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     # fused=True runs one kernel over all tensors (CPU and CUDA in torch >= 2.4): fewer passes over memory.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+
+
+def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Moments of parameters trainable before and after a change of the trainable set carry over;
+    parameters just frozen drop theirs (LISA keeps no optimizer state for frozen layers)."""
+    for group in new.param_groups:
+        for p in group["params"]:
+            if p in old.state:
+                new.state[p] = old.state[p]

@@ -1,0 +1,296 @@
+"""The set-up every training stage shares: processes, run directory, recipe checks on resume,
+precision, tokenizer, model, data, evaluation, lineage, and the final save.
+
+A training stage (stages/train.py) is these steps in order plus the loop; a later stage kind
+(distill, prune with recovery training, ...) reuses them instead of copying them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from tunelab import models
+from tunelab.config import dump_config
+from tunelab.errors import DataError, RunDirError
+from tunelab.runs import RunDir, atomic_write, environment, model_lineage, open_run_dir
+from tunelab.train import dist as distmod
+
+# Recipe keys a resumed run may change: they alter bookkeeping, not what the next step computes.
+# train.max_steps is here because extending a run is the common reason to resume with a new recipe;
+# the LR schedule after the checkpoint then follows the new length (said in the log).
+SAFE_ON_RESUME = ("name", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_max_tokens",
+                  "train.checkpoint_every", "train.keep_checkpoints", "data.eval", "data.cache_dir")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps the run's seed (one process behaves as before); other ranks get independent
+    streams, so dropout differs across ranks instead of repeating the same mask on every one."""
+    from tunelab.train.objectives import sequence_seed
+
+    return seed if rank == 0 else sequence_seed(seed, rank) % 2**32
+
+
+def resolve_cache_dir(explicit: str | None = None) -> Path:
+    """data.cache_dir, else $TUNELAB_CACHE, else ~/.cache/tunelab: tokenized data and trained tokenizers."""
+    path = explicit or os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab"
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------- processes, run directory, resume
+
+
+@dataclass
+class Stage:
+    """A training stage's processes and run directory, opened before any heavy work."""
+    cfg: object
+    d: distmod.Dist
+    run: RunDir
+    log: Callable
+    cache: Path
+    resume_from: Path | None
+    resuming: bool
+    precision_reason: str = ""
+
+    def rank0_first(self, work: Callable):
+        """Rank 0 does `work` (training a tokenizer, filling the token cache); the others then
+        repeat it and find the cache filled."""
+        if self.d.main:
+            result = work()
+        self.d.barrier()
+        if not self.d.main:
+            result = work()
+        return result
+
+
+def open_stage(cfg, out: Path | None, resume: bool, quiet: bool) -> Stage:
+    from tunelab.train import checkpoint as ckpt
+    from tunelab.train.precision import resolve_precision
+
+    if cfg.model.path is None:  # a mistyped preset override fails now, not after the tokenizer is trained
+        models.check_preset(cfg.model.preset, cfg.model.overrides)
+    d = distmod.init()
+    log = (lambda *a: None) if (quiet or not d.main) else print
+    if quiet or not d.main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
+    run = open_run_dir(Path(out) if out else Path("runs") / cfg.name, resume, main=d.main)
+    saved = yaml.safe_load(run.config.read_text()) if resume and run.config.is_file() else None
+    if saved is not None and cfg.train.precision == "auto":  # a resumed run keeps the precision it chose
+        cfg.train.precision, reason = saved["train"]["precision"], "as the run being resumed"
+    else:
+        cfg.train.precision, reason = resolve_precision(cfg.train.precision, d.device, log)
+    if saved is not None:
+        check_resume_config(run, saved, cfg, log)
+    # Rank 0 alone inspects (and may repair) the checkpoints; every rank resumes from its choice.
+    resume_from = ckpt.latest_intact(run.checkpoints, log=log) if (resume and d.main) else None
+    resume_from = d.broadcast_object(resume_from)
+    if resume and resume_from is None:
+        log(f"no intact checkpoint in {run.checkpoints}: starting from step 0")
+        if run.metrics.exists():  # steps logged before the crash are superseded by the re-run
+            run.log({"event": "resume", "step": 0, "checkpoint": None})
+    log(f"precision: {cfg.train.precision} ({reason})")
+    return Stage(cfg=cfg, d=d, run=run, log=log, cache=resolve_cache_dir(cfg.data.cache_dir),
+                 resume_from=resume_from, resuming=saved is not None, precision_reason=reason)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def check_resume_config(run: RunDir, saved: dict, cfg, log) -> None:
+    """Refuse to resume a run with a recipe that changes what it computes; allow (and record) safe changes."""
+    now = yaml.safe_load(dump_config(cfg))
+    old, new = _flatten(saved), _flatten(now)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    safe = lambda k: any(k == s or k.startswith(s + ".") for s in SAFE_ON_RESUME)  # noqa: E731
+    unsafe = [k for k in changed if not safe(k)]
+    if unsafe:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe[:4])
+        more = f" (+{len(unsafe) - 4} more)" if len(unsafe) > 4 else ""
+        raise RunDirError(f"{run.config}: the recipe changed since this run started ({shown}{more}); resume with "
+                          f"the run's own recipe, or start a new run with --out DIR (safe to change on resume: "
+                          f"{', '.join(SAFE_ON_RESUME)})")
+    if changed:
+        log("resuming with changed settings: " + "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+        run.log({"event": "config_change", "changes": {k: [old.get(k), new.get(k)] for k in changed}})
+        if run.main:
+            atomic_write(run.config, dump_config(cfg))
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+def resolve_tokenizer(cfg, cache: Path, log=print):
+    """Load the named tokenizer, the model's own, or train a byte-level BPE on the recipe's data (cached)."""
+    from tunelab.data import source_content_hash, tokenizer_training_texts
+
+    if cfg.tokenizer.path:
+        return models.load_tokenizer(cfg.tokenizer.path)
+    if cfg.model.path:
+        return models.load_tokenizer(cfg.model.path, "model.path")
+    tc = cfg.tokenizer
+    key = hashlib.sha256(repr(([source_content_hash(s, cache, log=log) for s in cfg.data.train],
+                               tc.vocab_size, tc.min_frequency, tc.train_bytes, 1)).encode()).hexdigest()[:24]
+    where = cache / "tokenizers" / key
+    if (where / "tokenizer.json").is_file():
+        return models.load_tokenizer(str(where))
+    log(f"training a byte-level BPE tokenizer (vocab {tc.vocab_size}) on up to {tc.train_bytes / 1e6:.0f} MB")
+    tok = models.train_tokenizer(tokenizer_training_texts(cfg.data.train, cache, tc.train_bytes),
+                                 tc.vocab_size, tc.min_frequency)
+    tmp = where.with_name(f".tmp-{key}-{os.getpid()}")
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(where)
+    except OSError:  # another process (DDP rank) saved the same tokenizer first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return models.load_tokenizer(str(where))
+
+
+def initial_model(cfg, tokenizer):
+    """The model training starts from: a saved model (model.path) or a fresh preset, checked against
+    the tokenizer, the sequence length and the objective."""
+    # merge=True: training continues from an adapter's merged weights, never through a peft wrapper.
+    model = (models.load_model(cfg.model.path, cfg.model.attn_implementation, merge=True) if cfg.model.path else
+             models.build_model(cfg.model.preset, tokenizer, cfg.model.overrides, cfg.model.attn_implementation))
+    models.check_pair(model, tokenizer, cfg.data.seq_len)
+    models.check_objective(model, cfg.train.objective)
+    return model
+
+
+# ---------------------------------------------------------------- data and evaluation
+
+
+@dataclass
+class TrainingData:
+    sets: list  # PackedSequences, one per training source
+    sources: list  # TokenizedSource of each training source
+    eval_sources: list  # eval-only sources (scored whole)
+    eval_splits: dict = field(default_factory=dict)  # domain -> (tokens, loss mask or None)
+
+
+def build_data(cfg, tokenizer, cache: Path, log=print) -> TrainingData:
+    from tunelab.data import PackedSequences, tokenize_sources
+
+    eos = models.eos_id(tokenizer)
+    doc_mask = cfg.data.packing == "document"
+    sources = tokenize_sources(cfg.data.train, tokenizer, eos, cache, cfg.data.eval_fraction, log=log)
+    sets = []
+    for src in sources:
+        packed = PackedSequences(src.train, cfg.data.seq_len, eos, doc_mask, loss_mask=src.train_mask)
+        if len(packed) == 0:
+            raise DataError(f"{src.spec.source}: only {len(src.train)} training tokens, fewer than one sequence "
+                            f"(data.seq_len={cfg.data.seq_len}): add text or lower data.seq_len")
+        sets.append(packed)
+    # Every training source is scored on its own held-out split; eval-only sources are scored whole.
+    eval_only = tokenize_sources(cfg.data.eval, tokenizer, eos, cache, cfg.data.eval_fraction, log=log, split=False)
+    splits = {s.domain: (s.eval, s.eval_mask) for s in sources + eval_only}
+    return TrainingData(sets=sets, sources=sources, eval_sources=eval_only, eval_splits=splits)
+
+
+def packed_batches(cfg, data: TrainingData, tokenizer, d):
+    from tunelab.data import Mixture
+    from tunelab.train.batches import PackedBatches
+
+    tc = cfg.train
+    mask_id = tokenizer.mask_token_id if tc.objective == "mlm" else None
+    if tc.objective == "mlm" and mask_id is None:
+        raise DataError("train.objective=mlm needs a tokenizer with a mask token: train one (unset tokenizer.path) "
+                        "or use a BERT-style tokenizer")
+    mixture = Mixture([len(s) for s in data.sets], [s.weight for s in cfg.data.train], tc.seed)
+    return PackedBatches(sets=data.sets, mixture=mixture, objective=tc.objective, micro=tc.micro_batch_size,
+                         accum=tc.grad_accum, rank=d.rank, world=d.world, seed=tc.seed, mask_id=mask_id,
+                         vocab_size=len(tokenizer), special_ids=list(tokenizer.all_special_ids),
+                         mlm_probability=tc.mlm_probability)
+
+
+def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
+    """`evaluate(model, step) -> {domain: {loss, ppl, bpb, eval_tokens}}` on every eval split."""
+    from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
+    from tunelab.train.objectives import fixed_mlm_labeler
+    from tunelab.train.precision import autocast_dtype
+
+    tc = cfg.train
+    byte_lengths = token_byte_lengths(tokenizer)
+    label_fn = None if tc.objective == "clm" else fixed_mlm_labeler(
+        tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids), tc.mlm_probability)
+
+    def evaluate(model, step: int) -> dict:
+        return {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=models.eos_id(tokenizer),
+                                        document_mask=cfg.data.packing == "document", byte_lengths=byte_lengths,
+                                        max_tokens=tc.eval_max_tokens, batch_size=tc.micro_batch_size, device=device,
+                                        autocast_dtype=autocast_dtype(tc.precision), objective=tc.objective,
+                                        label_fn=label_fn, loss_mask=mask)
+                for domain, (tokens, mask) in data.eval_splits.items()}
+    return evaluate
+
+
+# ---------------------------------------------------------------- records and the final save
+
+
+def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None) -> dict:
+    """Where the run came from: its parents (each with a role and a hash), tokenizer, data, method."""
+    def describe(src):
+        return {"source": src.spec.source, "domain": src.domain, "weight": src.spec.weight,
+                "content_hash": src.content_hash, "cache_key": src.cache_key, "train_tokens": int(len(src.train)),
+                "eval_tokens": int(len(src.eval)), "decode_errors": src.decode_errors}
+
+    init = {"role": "init", **model_lineage(cfg.model), "weights_sha256_in_memory": base_sha256}
+    return {
+        "name": cfg.name,
+        "stage": cfg.kind,
+        "parents": [init],
+        "tokenizer": {"source": cfg.tokenizer.path or cfg.model.path or "trained",
+                      "fingerprint": models.tokenizer_fingerprint(tokenizer)},
+        "data": [describe(s) for s in data.sources],
+        "eval_data": [describe(s) for s in data.eval_sources],
+        "method": cfg.method.model_dump(),
+    }
+
+
+def write_records(stage: Stage, cfg, lineage_record: dict) -> None:
+    """config.yaml, env.json and lineage.json of a new run; a resumed run keeps the ones it started with."""
+    if not stage.d.main or stage.resuming:
+        return
+    atomic_write(stage.run.config, dump_config(cfg))
+    stage.run.write_json("env.json", {**environment(), "precision": {"used": cfg.train.precision,
+                                                                      "why": stage.precision_reason}})
+    stage.run.write_json("lineage.json", lineage_record)
+
+
+def save_final(method, model, tokenizer, run: RunDir) -> None:
+    """final/ via the method (a full HF model, or an adapter), swapped in atomically."""
+    tmp = run.path / f".final-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    method.save_final(model, tokenizer, tmp)
+    if run.final.exists():
+        old = run.path / f".final-old-{os.getpid()}"
+        run.final.rename(old)
+        tmp.rename(run.final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(run.final)

@@ -1,0 +1,74 @@
+"""Batch sources: what the loop trains on, one optimizer step at a time.
+
+A batch source hands each process its `grad_accum` micro-batches for a step, each with the number
+of targets its loss averages over (the loop weights micro-batches by it, so the step's loss is
+the mean over the whole global batch whatever the split). Its state is saved in every
+checkpoint. The default, `PackedBatches`, packs the recipe's text; a method can supply another
+(preference pairs, say) through `Method.batch_source`, with the same four members:
+
+    tokens_per_step    input tokens of one global batch (all processes), for the token axis
+    targets_known      True when every micro-batch's target count is known in advance: the loop
+                       then skips the all-reduce of the counts
+    next(step)         -> [(batch dict of CPU tensors, target count)] for this process
+    state_dict() / load_state_dict(state)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunelab.data import Mixture, PackedSequences, collate
+from tunelab.train.objectives import add_labels, count_targets, sequence_seed
+
+
+@dataclass
+class PackedBatches:
+    sets: list[PackedSequences]  # one per training source
+    mixture: Mixture
+    objective: str
+    micro: int
+    accum: int
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+    mask_id: int | None = None  # MLM only
+    vocab_size: int = 0
+    special_ids: list[int] = field(default_factory=list)
+    mlm_probability: float = 0.15
+
+    @property
+    def seq_len(self) -> int:
+        return self.sets[0].seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro * self.accum * self.world * self.seq_len
+
+    @property
+    def targets_known(self) -> bool:
+        # Causal LM without loss masks: every window has seq_len - 1 targets.
+        return self.objective == "clm" and all(s.loss_mask is None for s in self.sets)
+
+    def next(self, step: int) -> list[tuple[dict, int]]:
+        """This process's micro-batches of the step's global batch.
+
+        The global batch is drawn in one order that does not depend on the number of processes;
+        micro-batch m of rank r is its slice (m * world + r). MLM masks are keyed on each
+        sequence's position in the global batch, so they too are independent of the split.
+        """
+        pairs = self.mixture.take(self.micro * self.accum * self.world)
+        out = []
+        for m in range(self.accum):
+            start = (m * self.world + self.rank) * self.micro
+            batch = collate([self.sets[s][i] for s, i in pairs[start:start + self.micro]])
+            seeds = [sequence_seed(self.seed, step, start + j) for j in range(self.micro)]
+            batch = add_labels(batch, self.objective, mask_id=self.mask_id, mlm_probability=self.mlm_probability,
+                               vocab_size=self.vocab_size, special_ids=self.special_ids, seeds=seeds)
+            out.append((batch, count_targets(batch, self.objective)))
+        return out
+
+    def state_dict(self) -> dict:
+        return self.mixture.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixture.load_state_dict(state)
