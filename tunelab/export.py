@@ -8,7 +8,6 @@ parents by path and hash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,16 +15,9 @@ from pathlib import Path
 
 from tunelab import models
 from tunelab.errors import ModelError, RunDirError
+from tunelab.runs import file_sha256
 
 FIELD = "RUN_OR_ADAPTER"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_source(source: str | Path) -> Path:

@@ -132,6 +132,14 @@ def environment() -> dict:
     }
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def hash_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):

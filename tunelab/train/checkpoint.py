@@ -20,7 +20,6 @@ a message, never loaded. Only rank 0 writes and decides which checkpoint to resu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,17 +31,10 @@ import numpy as np
 import torch
 
 from tunelab.errors import RunDirError
+from tunelab.runs import file_sha256
 
 REQUIRED = ("rng.pt", "state.json", "config.yaml")
 WEIGHTS = ("model.safetensors", "adapter.safetensors")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,7 +98,7 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, method, sta
         for path in sorted(tmp.iterdir()):
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-            manifest[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            manifest[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
     except BaseException:  # a failed save leaves no debris; older checkpoints are untouched
@@ -160,7 +152,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != entry["size"]:
             return f"{name} has the wrong size"
-        if _sha256(file) != entry["sha256"]:
+        if file_sha256(file) != entry["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
