@@ -60,13 +60,15 @@ def eval_(model_dir: str = typer.Argument(..., help="A saved model or adapter di
           seq_len: int = typer.Option(256, "--seq-len"),
           max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens per domain."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+          split: str = typer.Option("auto", "--split", help="auto: a source the model or an ancestor trained on "
+                                    "is scored on its held-out split, any other whole; or held-out | whole."),
           base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
           quiet: bool = typer.Option(False, "--quiet")):
-    """Loss, perplexity and bits per byte of a model on each data domain (a source the model's run trained on:
-    its held-out split; any other source: all of it)."""
+    """Loss, perplexity and bits per byte of a model on each data domain (a source the model or an ancestor
+    trained on: its held-out split; any other source: all of it)."""
     from tunelab.evaluate import evaluate_model
 
-    results = evaluate_model(model_dir, data or DEFAULT_EVAL, seq_len=seq_len, max_tokens=max_tokens, base=base,
+    results = evaluate_model(model_dir, data or DEFAULT_EVAL, seq_len=seq_len, max_tokens=max_tokens, base=base, split=split,
                              log=(lambda *a: None) if (quiet or as_json) else _stderr)
     if as_json:
         print(json.dumps(results, indent=2))

@@ -11,6 +11,9 @@ from tunelab.config import SourceSpec, _as_source_list, validate
 from tunelab.stages.setup import resolve_cache_dir
 
 
+SPLITS = ("auto", "held-out", "whole")
+
+
 def run_recipe(model_dir: str) -> dict | None:
     """The resolved recipe of the run that wrote `model_dir` (its final/ or a checkpoint), if any.
 
@@ -30,23 +33,30 @@ def run_recipe(model_dir: str) -> dict | None:
 
 
 def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_tokens: int | None = None,
-                   eval_fraction: float | None = None, base: str | None = None, log=print) -> dict:
+                   eval_fraction: float | None = None, base: str | None = None, split: str = "auto",
+                   log=print) -> dict:
     """Per-domain loss / perplexity / bits per byte of a model (or adapter) directory.
 
-    A source the model's run trained on is scored on its held-out split only (same rule and
-    eval_fraction as the run, so a model is never scored on text it was trained on); any other
-    source is scored whole, as training scores its eval-only sources.
+    split="auto": a source the model or any of its ancestors trained on (by content hash, through
+    lineage.json) is scored on its held-out split only (same rule and eval_fraction as the run), so
+    a model is never scored on text it has seen; any other source is scored whole, as training
+    scores its eval-only sources. "held-out" / "whole" force one or the other (to compare models of
+    different histories on the same text, use "held-out").
     """
     from tunelab.config import DataConfig, TrainConfig
-    from tunelab.data import tokenize_source
+    from tunelab.data import source_content_hash, tokenize_source
     from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
+    from tunelab.runs import trained_content_hashes
 
+    if split not in SPLITS:
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     recipe = run_recipe(model_dir) or {}
     run_data = recipe.get("data", {})
     defaults = DataConfig()
     eval_fraction = eval_fraction or run_data.get("eval_fraction", defaults.eval_fraction)
     packing = run_data.get("packing", defaults.packing)
-    trained_on = {_same_source(s.get("source")) for s in run_data.get("train", []) if isinstance(s, dict)}
     mlm_probability = recipe.get("train", {}).get("mlm_probability", TrainConfig().mlm_probability)
 
     tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
@@ -63,21 +73,17 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
         label_fn = fixed_mlm_labeler(tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids),
                                      mlm_probability)
     byte_lengths = token_byte_lengths(tokenizer)
+    cache = resolve_cache_dir()
+    seen = trained_content_hashes(model_dir) if split == "auto" else set()
     results = {}
     for spec in specs:
-        src = tokenize_source(spec, tokenizer, eos, resolve_cache_dir(), eval_fraction, log=log,
-                              split=_same_source(spec.source) in trained_on)
+        held_out = split == "held-out" or (split == "auto" and source_content_hash(spec, cache, log=log) in seen)
+        src = tokenize_source(spec, tokenizer, eos, cache, eval_fraction, log=log, split=held_out)
         results[src.domain] = evaluate_tokens(model, src.eval, seq_len, eos_id=eos, document_mask=packing == "document",
                                               byte_lengths=byte_lengths, max_tokens=max_tokens, objective=objective,
                                               label_fn=label_fn, loss_mask=src.eval_mask)
+        results[src.domain]["split"] = "held-out" if held_out else "whole"
     return results
-
-
-def _same_source(source: str | None) -> str | None:
-    """A source string in a comparable form (a relative and an absolute path to one file are one source)."""
-    if not source or ":" in source.split("/")[0]:  # builtin:..., hf:...
-        return source
-    return str(Path(source).expanduser().resolve())
 
 
 def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 64, greedy: bool = False,

@@ -54,6 +54,7 @@ class Stage(BaseModel):
     data: list[str] = Field(default_factory=lambda: ["builtin:prose", "builtin:code", "builtin:tests"])
     seq_len: int = 256
     max_tokens: int | None = None
+    split: str = "auto"  # eval: auto | held-out | whole (see evaluate.evaluate_model)
 
     @model_validator(mode="before")
     @classmethod
@@ -175,7 +176,7 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
 
             log(f"[{stage.name}] eval {resolved['target']} on {', '.join(resolved['data'])}")
             results = evaluate_model(resolved["target"], resolved["data"], seq_len=stage.seq_len,
-                                     max_tokens=stage.max_tokens, log=log)
+                                     max_tokens=stage.max_tokens, split=stage.split, log=log)
             atomic_write(outputs[stage.name], json.dumps(results, indent=2))
         else:
             log(f"[{stage.name}] {stage.kind} {recipe_path.name} -> {stage_dir}")

@@ -163,3 +163,40 @@ def model_lineage(model_cfg) -> dict:
     if (parent_run / "lineage.json").is_file():  # a tunelab run's final/ or checkpoint: link the run
         entry["run"] = str(parent_run)
     return entry
+
+
+def _lineage_files(model_dir: Path) -> list[Path]:
+    """lineage.json describing a model directory: its own (an export), its run's (final/), or the run of a
+    checkpoint (checkpoints/step-N/)."""
+    found = []
+    for where in (model_dir, model_dir.parent, model_dir.parent.parent):
+        if (where / "lineage.json").is_file():
+            found.append(where / "lineage.json")
+            break
+    return found
+
+
+def trained_content_hashes(model_dir: str | Path, max_depth: int = 32) -> set[str]:
+    """Content hashes of every data source the model, or any model it descends from, was trained on.
+
+    Walks lineage.json files up the chain of parents (runs, exports, adapters' bases). Used to keep
+    a source any ancestor trained on to its held-out split when scoring the model.
+    """
+    seen_dirs: set[str] = set()
+    hashes: set[str] = set()
+    todo = [Path(model_dir).expanduser()]
+    while todo and len(seen_dirs) < max_depth:
+        here = todo.pop()
+        key = str(here.resolve()) if here.exists() else str(here)
+        if key in seen_dirs:
+            continue
+        seen_dirs.add(key)
+        for file in _lineage_files(here):
+            try:
+                record = json.loads(file.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            hashes.update(d["content_hash"] for d in record.get("data", []) if d.get("content_hash"))
+            parents = record.get("parents") or ([record["parent"]] if record.get("parent") else [])
+            todo += [Path(p[k]) for p in parents for k in ("path",) if isinstance(p, dict) and p.get(k)]
+    return hashes

@@ -92,3 +92,24 @@ def test_missing_model_dir_fails_at_once_without_the_hub(tmp_path):
     for command in (["eval", str(tmp_path / "runs" / "nope")], ["generate", "./nope", "--prompt", "x"]):
         result = run_cli(*command, timeout=60)
         _assert_one_line_error(result, "nope", "does not exist")
+
+
+@pytest.mark.parametrize("command,needles", [
+    (["pretrain", "lora-code"], ["kind", "tunelab finetune"]),  # a finetune recipe run as pretrain
+    (["finetune", "quickstart"], ["model.path"]),  # a recipe without a kind run as finetune needs a model
+    (["finetune", "quickstart", "--set", "model.path=x", "--set", "kind=distill"], ["kind", "distill"]),
+    (["finetune", "lora-code", "--set", "method.options.rank=4"], ["method.options", "rank"]),
+])
+def test_recipe_kind_errors_are_one_line_exit_2(tmp_path, command, needles):
+    result = run_cli(*command, "--out", str(tmp_path / "run"), "--quiet", timeout=120)
+    _assert_one_line_error(result, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_is_one_line_exit_2_and_keeps_checkpoints(tmp_path, corpus_dir):
+    recipe = _recipe(tmp_path / "r.yaml", str(corpus_dir),
+                     train={"lr": 1e30, "max_steps": 6, "checkpoint_every": 1, "precision": "fp32", "grad_clip": None,
+                            "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0})
+    result = run_cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), "--quiet")
+    _assert_one_line_error(result, "non-finite", "train.lr")
+    assert not (tmp_path / "run" / "final").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from conftest import run_cli
 from tunelab.config import RECIPES_DIR
@@ -17,11 +18,28 @@ TOY = ["--set", "train.max_steps=3", "--set", "train.micro_batch_size=2", "--set
        "--set", "train.grad_accum=1"]
 
 
+def recipe_kind(name: str) -> str:
+    return yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text()).get("kind", "pretrain")
+
+
+@pytest.fixture(scope="module")
+def toy_base(tmp_path_factory, corpus_dir):
+    """A quickstart run at toy scale on the test corpus: the trained model finetune recipes start from."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    result = run_cli("pretrain", "quickstart", "--out", str(out), "--quiet", *TOY,
+                     "--set", f"data.train={corpus_dir}", "--set", "data.eval=[]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_shipped_recipe_at_toy_scale(tmp_path, corpus_dir, recipe):
+def test_shipped_recipe_at_toy_scale(tmp_path, corpus_dir, recipe, request):
+    # Each recipe runs as the command its kind names; a finetune starts from a toy trained model.
+    kind = recipe_kind(recipe)
+    extra = ["--set", f"model.path={request.getfixturevalue('toy_base') / 'final'}"] if kind == "finetune" else []
     # The overrides every training recipe must accept: max_steps, seed, checkpoint_every, log_every, data.train.
-    result = run_cli("pretrain", recipe, "--out", str(tmp_path / "run"), "--quiet", *TOY,
+    result = run_cli(kind, recipe, "--out", str(tmp_path / "run"), "--quiet", *TOY, *extra,
                      "--set", "train.seed=1", "--set", "train.checkpoint_every=2", "--set", "train.log_every=1",
                      "--set", f"data.train={corpus_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -29,27 +47,49 @@ def test_shipped_recipe_at_toy_scale(tmp_path, corpus_dir, recipe):
     assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3]
     assert {e["domain"] for e in events if e["event"] == "eval"} >= {"corpus"}
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]
-    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    # final/ is a model, or for an adapter method (lora) a PEFT adapter directory.
+    final = tmp_path / "run" / "final"
+    assert (final / "config.json").is_file() or (final / "adapter_config.json").is_file()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["kind"] == kind
+
+
+def test_every_shipped_recipe_names_a_known_kind():
+    from tunelab.stages import STAGES
+
+    assert {recipe_kind(r) for r in RECIPES} <= set(STAGES)
+    assert "finetune" in {recipe_kind(r) for r in RECIPES}  # the toy test above covers both kinds
 
 
 @pytest.mark.slow
 def test_shipped_pipeline_at_toy_scale_and_skips_done_stages(tmp_path, corpus_dir):
-    pipeline = RECIPES_DIR / "pipelines" / "quickstart-to-code.yaml"
+    shipped = RECIPES_DIR / "pipelines" / "quickstart-to-code.yaml"
+    # --set scales the training stages; eval stages get the same scale knobs in a copy of the pipeline
+    # (an eval stage scores a domain the model did not train on whole: 4.6M tokens of code, ~35 s each).
+    spec = yaml.safe_load(shipped.read_text())
+    for stage in spec["stages"]:
+        if "eval" in stage:
+            stage.update(seq_len=32, max_tokens=2048)
+    pipeline = tmp_path / "quickstart-to-code.yaml"
+    pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
     args = ["run", str(pipeline), "--out", str(tmp_path / "pipe"), *TOY, "--set", "tokenizer.vocab_size=512"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     root = tmp_path / "pipe"
+    stages = yaml.safe_load(pipeline.read_text())["stages"]
     for stage in ("base", "code-full", "code-bitfit"):
         assert (root / stage / "final" / "config.json").is_file(), stage
+    assert (root / "code-lora" / "final" / "adapter_config.json").is_file()
     # The adapted models start from the base stage's output, and say so.
-    lineage = json.loads((root / "code-full" / "lineage.json").read_text())
-    assert lineage["parent"]["path"] == str((root / "base" / "final").resolve())
-    scores = json.loads((root / "score-code-full" / "eval.json").read_text())
-    assert set(scores) == {"prose", "code"} and all(v["bpb"] > 0 for v in scores.values())
+    for stage in ("code-full", "code-bitfit", "code-lora"):
+        lineage = json.loads((root / stage / "lineage.json").read_text())
+        assert lineage["parents"][0]["path"] == str((root / "base" / "final").resolve()), stage
+    for stage in ("score-base", "score-code-full", "score-code-bitfit", "score-code-lora"):
+        scores = json.loads((root / stage / "eval.json").read_text())
+        assert set(scores) == {"prose", "code"} and all(v["bpb"] > 0 for v in scores.values()), stage
 
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("up to date, skipped") == 6
+    assert second.stdout.count("up to date, skipped") == len(stages) == 8
 
 
 @pytest.mark.slow
@@ -66,18 +106,16 @@ def test_quickstart_offline(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_and_generate_cli(tmp_path, corpus_dir):
-    recipe_run = run_cli("pretrain", "quickstart", "--out", str(tmp_path / "run"), "--quiet", *TOY,
-                         "--set", f"data.train={corpus_dir}", "--set", "data.eval=[]")
-    assert recipe_run.returncode == 0, recipe_run.stderr[-3000:]
-    final = tmp_path / "run" / "final"
+def test_eval_and_generate_cli(toy_base, corpus_dir):
+    final = toy_base / "final"
     result = run_cli("eval", str(final), "--data", str(corpus_dir), "--seq-len", "32", "--max-tokens", "256", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout)
-    assert set(scores) == {"corpus"} and scores["corpus"]["loss"] > 0 and scores["corpus"]["tokens"] > 0
+    assert set(scores) == {"corpus"} and scores["corpus"]["loss"] > 0 and scores["corpus"]["eval_tokens"] > 0
     # The held-out score equals what training logged at the end (same split, same windows, same model).
-    final_eval = [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["event"] == "eval"][-1]
-    assert scores["corpus"]["tokens"] == final_eval["tokens"]
+    final_eval = [e for e in read_metrics(toy_base / "metrics.jsonl") if e["event"] == "eval"][-1]
+    assert scores["corpus"]["eval_tokens"] == final_eval["eval_tokens"]
+    assert final_eval["tokens"] == 3 * 2 * 32  # eval events keep the run's token axis
     assert scores["corpus"]["loss"] == pytest.approx(final_eval["loss"], rel=1e-5)
     assert scores["corpus"]["bpb"] == pytest.approx(final_eval["bpb"], rel=1e-5)
 

@@ -14,10 +14,15 @@ import pytest
 import torch
 
 from tunelab.errors import RunDirError
+from tunelab.methods import create_method
 from tunelab.models import build_model, train_tokenizer
 from tunelab.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
+# What a full-model checkpoint holds (a method with tensor state adds method.safetensors; an adapter
+# method writes adapter.safetensors instead of model.safetensors; a zeroth-order one has no optimizer.pt).
+FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.yaml")
+FULL = create_method("full", {})
 _WORDS = "the model data token train loss step layer weight value cache file text domain batch".split()
 
 
@@ -56,9 +61,18 @@ def trained(tokenizer):
     return model, opt
 
 
-def save(root: Path, step: int, model, opt, keep: int = 10, **state):
-    return ckpt.save_checkpoint(root, step, model, opt, {"step": step, "tokens": step * 32, **state},
-                                f"name: test\nstep: {step}\n", keep=keep)
+def save(root: Path, step: int, model, opt, keep: int = 10, hooks=FULL, rng=None, base_sha256=None, **state):
+    """`hooks`: the method object; `state` entries go into state.json (e.g. method=... is its JSON state)."""
+    return ckpt.save_checkpoint(root, step, model=model, optimizer=opt, method=hooks,
+                                state={"step": step, "tokens": step * 32, **state},
+                                config_yaml=f"name: test\nstep: {step}\n", rng=rng or [ckpt.rng_state()], keep=keep,
+                                base_sha256=base_sha256)
+
+
+def load(path: Path, model, opt=None, hooks=FULL, **kwargs):
+    restored = ckpt.load_checkpoint(path, model, hooks, **kwargs)
+    ckpt.load_optimizer(path, opt)
+    return restored
 
 
 def seed_all(seed: int):
@@ -77,7 +91,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, tokenizer, trained):
     torch.rand(7), random.random(), np.random.rand(3)
     path = save(tmp_path, 2, model, opt, data={"cursor": [1, 2, 3]}, method={"active": [0]})
     assert path == tmp_path / "step-2"
-    assert sorted(p.name for p in path.iterdir()) == sorted([*ckpt.FILES, "manifest.json"])
+    assert sorted(p.name for p in path.iterdir()) == sorted([*FILES, "manifest.json"])
     expect_torch, expect_py, expect_np = torch.rand(5), random.random(), np.random.rand(4)
 
     # Scramble all RNGs, then restore into a fresh model and optimizer.
@@ -85,7 +99,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, tokenizer, trained):
     fresh = make_model(tokenizer, 1)
     fresh_opt = make_optimizer(fresh)
     assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
-    restored = ckpt.load_checkpoint(path, fresh, fresh_opt)
+    restored = load(path, fresh, fresh_opt)
 
     assert restored.step == 2
     assert restored.state["tokens"] == 64
@@ -120,7 +134,7 @@ def test_resumed_training_continues_identically(tmp_path, tokenizer, trained):
 
     fresh = make_model(tokenizer, 5)
     fresh_opt = make_optimizer(fresh)
-    ckpt.load_checkpoint(path, fresh, fresh_opt)
+    load(path, fresh, fresh_opt)
     train_steps(fresh, fresh_opt, 2, seed=7)
     for (k, x), (_, y) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(x, y), k
@@ -132,7 +146,7 @@ def test_load_into_the_wrong_model_is_a_run_dir_error(tmp_path, tokenizer, train
     torch.manual_seed(0)
     other = build_model("llama-micro", tokenizer, overrides={"hidden_size": 64, "intermediate_size": 64})
     with pytest.raises(RunDirError) as err:
-        ckpt.load_checkpoint(path, other, None)
+        ckpt.load_checkpoint(path, other, FULL)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
@@ -142,7 +156,7 @@ def test_manifest_records_size_and_sha256(tmp_path, trained):
     model, opt = trained
     path = save(tmp_path, 2, model, opt)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert set(manifest) == set(ckpt.FILES)
+    assert set(manifest) == set(FILES)
     for name, entry in manifest.items():
         blob = (path / name).read_bytes()
         assert entry == {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
@@ -195,7 +209,7 @@ def test_resaving_a_step_replaces_it(tmp_path, tokenizer, trained):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]  # no .old-/.tmp- leftovers
     assert ckpt.verify(tmp_path / "step-2") is None
     fresh = make_model(tokenizer, 9)
-    restored = ckpt.load_checkpoint(tmp_path / "step-2", fresh, None)
+    restored = load(tmp_path / "step-2", fresh)
     assert restored.state["tokens_marker"] == 2
     assert torch.equal(fresh.model.norm.weight, model.model.norm.weight)
 
@@ -345,3 +359,176 @@ def test_torch_load_is_only_called_with_weights_only_true():
     assert any(c[0].startswith(os.path.join("tunelab", "train", "checkpoint.py")) for c in calls)
     bad = [where for where, ok in calls if not ok]
     assert not bad, f"torch.load without weights_only=True at {bad}"
+
+
+# ---------------------------------------------------------------- protocol v2: what a method adds to a checkpoint
+
+
+class StatefulMethod(type(FULL)):
+    """A method with JSON state and tensor state (a gradient mask, say), recording what it is given."""
+
+    def __init__(self, mask=None, counter=0):
+        super().__init__({})
+        self.mask, self.counter = mask, counter
+        self.loaded_tensors = None
+
+    def state_dict(self):
+        return {"counter": self.counter}
+
+    def load_state_dict(self, state):
+        self.counter = state["counter"]
+
+    def tensor_state(self):
+        return {"mask": self.mask} if self.mask is not None else {}
+
+    def load_tensor_state(self, tensors):
+        self.loaded_tensors = tensors
+        self.mask = tensors["mask"]
+
+
+class AdapterMethod(type(FULL)):
+    """Saves only its own tensors (the two norms of layer 0), like an adapter."""
+    NAMES = ("model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight")
+
+    def weights_to_save(self, model):
+        sd = model.state_dict()
+        return {k: sd[k] for k in self.NAMES}
+
+    def load_weights(self, model, tensors):
+        assert set(tensors) == set(self.NAMES)
+        sd = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                sd[k].copy_(v)
+
+
+def test_method_state_and_tensor_state_round_trip_bit_exactly(tmp_path, tokenizer, trained):
+    model, opt = trained
+    mask = torch.rand(7, 5, generator=torch.Generator().manual_seed(3)) < 0.5
+    scores = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    method = StatefulMethod(mask=mask, counter=41)
+    method.tensor_state = lambda: {"mask": mask, "scores": scores}
+    path = save(tmp_path, 3, model, opt, hooks=method, method=method.state_dict())
+    assert sorted(p.name for p in path.iterdir()) == sorted([*FILES, "method.safetensors", "manifest.json"])
+    assert "method.safetensors" in json.loads((path / "manifest.json").read_text())
+    assert ckpt.verify(path) is None
+
+    fresh = StatefulMethod()
+    restored = load(path, make_model(tokenizer, 1), hooks=fresh)
+    assert fresh.counter == 41 and restored.state["method"] == {"counter": 41}
+    assert set(fresh.loaded_tensors) == {"mask", "scores"}
+    for name, expected in (("mask", mask), ("scores", scores)):
+        got = fresh.loaded_tensors[name]
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+
+
+def test_method_without_tensor_state_writes_no_method_file(tmp_path, trained):
+    model, opt = trained
+    path = save(tmp_path, 1, model, opt, hooks=StatefulMethod(mask=None), method={"counter": 5})
+    assert not (path / "method.safetensors").exists()
+    fresh = StatefulMethod()
+    ckpt.load_checkpoint(path, model, fresh)
+    assert fresh.loaded_tensors is None and fresh.counter == 5  # not called when there is nothing to load
+
+
+def test_adapter_checkpoint_holds_only_the_adapter_and_the_base_hash(tmp_path, tokenizer, trained):
+    from safetensors.torch import load_file
+
+    model, opt = trained
+    method = AdapterMethod({})
+    path = save(tmp_path, 2, model, opt, hooks=method, base_sha256="ab" * 32)
+    names = sorted(p.name for p in path.iterdir())
+    assert "model.safetensors" not in names and "adapter.safetensors" in names
+    assert ckpt.verify(path) is None
+    assert set(load_file(str(path / "adapter.safetensors"))) == set(AdapterMethod.NAMES)
+    assert json.loads((path / "state.json").read_text())["base_weights_sha256"] == "ab" * 32
+
+    # Resuming on the same base loads the adapter tensors, bit-exactly, and leaves the rest alone.
+    fresh = make_model(tokenizer, 7)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    load(path, fresh, hooks=AdapterMethod({}), base_sha256="ab" * 32)
+    after, trained_sd = fresh.state_dict(), model.state_dict()
+    for k in after:
+        expected = trained_sd[k] if k in AdapterMethod.NAMES else before[k]
+        assert torch.equal(after[k], expected), k
+
+    # Another base is refused, before anything is loaded.
+    other = make_model(tokenizer, 8)
+    untouched = {k: v.clone() for k, v in other.state_dict().items()}
+    for wrong in ("cd" * 32, None):
+        with pytest.raises(RunDirError) as err:
+            ckpt.load_checkpoint(path, other, AdapterMethod({}), base_sha256=wrong)
+        msg = str(err.value)
+        assert "\n" not in msg and str(path) in msg and "base" in msg
+    assert all(torch.equal(v, untouched[k]) for k, v in other.state_dict().items())
+
+
+def test_checkpoint_without_optimizer(tmp_path, tokenizer, trained):
+    model, _ = trained
+    path = save(tmp_path, 4, model, None)
+    assert not (path / "optimizer.pt").exists()
+    assert "optimizer.pt" not in json.loads((path / "manifest.json").read_text())
+    assert ckpt.verify(path) is None and ckpt.latest_intact(tmp_path, log=lambda m: None) == path
+    fresh = make_model(tokenizer, 2)
+    load(path, fresh, None)  # load_optimizer(path, None) is a no-op
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    # A run that does have an optimizer cannot resume from it: one line, not a traceback.
+    with pytest.raises(RunDirError) as err:
+        ckpt.load_optimizer(path, make_optimizer(fresh))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_optimizer_state_that_does_not_fit_is_a_run_dir_error(tmp_path, tokenizer, trained):
+    model, opt = trained
+    path = save(tmp_path, 2, model, opt)
+    fresh = make_model(tokenizer, 1)
+    fewer = torch.optim.AdamW(list(fresh.parameters())[:2], lr=1e-2)
+    with pytest.raises(RunDirError) as err:
+        ckpt.load_optimizer(path, fewer)
+    assert "\n" not in str(err.value) and "optimizer" in str(err.value)
+
+
+def test_aux_model_hash_is_checked_on_load(tmp_path, tokenizer, trained):
+    model, opt = trained
+    aux = {"teacher": {"reference": "runs/big/final", "sha256": "11" * 32}}
+    path = save(tmp_path, 2, model, opt, aux=aux)
+    for hashes in ({"teacher": "22" * 32}, {}, None):
+        with pytest.raises(RunDirError) as err:
+            ckpt.load_checkpoint(path, make_model(tokenizer, 1), FULL, aux_hashes=hashes)
+        msg = str(err.value)
+        assert "\n" not in msg and "teacher" in msg and "runs/big/final" in msg
+    restored = ckpt.load_checkpoint(path, make_model(tokenizer, 1), FULL, aux_hashes={"teacher": "11" * 32})
+    assert restored.state["aux"] == aux
+
+
+def test_every_rank_gets_its_own_rng_state_back(tmp_path, trained):
+    model, opt = trained
+    states, expected = [], []
+    for rank_seed in (10, 20):  # what two processes would hand in, gathered in rank order
+        seed_all(rank_seed)
+        torch.rand(3), random.random(), np.random.rand(2)
+        states.append(ckpt.rng_state())
+        expected.append((torch.rand(4), random.random(), np.random.rand(3)))
+    path = save(tmp_path, 2, model, opt, rng=states)
+    assert len(torch.load(path / "rng.pt", weights_only=True)) == 2
+    for rank in (1, 0):
+        seed_all(999)
+        messages = []
+        ckpt.load_checkpoint(path, model, FULL, rank=rank, world=2, log=messages.append)
+        assert messages == []
+        t, p, n = expected[rank]
+        assert torch.equal(torch.rand(4), t) and random.random() == p and np.array_equal(np.random.rand(3), n)
+    # A resume on another number of processes warns that random draws do not continue exactly.
+    messages = []
+    ckpt.load_checkpoint(path, model, FULL, rank=0, world=1, log=messages.append)
+    assert len(messages) == 1 and "2 process" in messages[0] and "dropout" in messages[0]
+
+
+def test_a_checkpoint_without_weights_is_not_intact(tmp_path, trained):
+    model, opt = trained
+    path = save(tmp_path, 2, model, opt)
+    (path / "model.safetensors").unlink()
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["model.safetensors"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert "weights" in ckpt.verify(path)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.config import (RECIPES_DIR, RecipeConfig, SourceSpec, apply_overrides, dump_config, load_recipe,
-                            parse_override, read_yaml, resolve_recipe_path, validate)
+from tunelab.config import (RECIPE_KINDS, RECIPES_DIR, FinetuneRecipe, PretrainRecipe, RecipeConfig, SourceSpec,
+                            apply_overrides, dump_config, load_recipe, parse_override, read_yaml, resolve_recipe_path,
+                            validate, validate_recipe)
 from tunelab.errors import ConfigError, TunelabError
 
 SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -45,8 +46,10 @@ def test_defaults_resolve_from_an_empty_recipe(tmp_path):
     assert cfg.train.max_steps == 100 and cfg.train.lr == 1e-3
     assert cfg.train.schedule.name == "cosine"
     assert cfg.method.name == "full" and cfg.method.options == {}
-    # Same thing without a file.
-    assert validate({}, "x") == cfg
+    # Same thing without a file: through the kind union, and through the pretrain class directly.
+    assert validate_recipe({}, "x") == cfg
+    assert validate({}, "x", PretrainRecipe) == cfg
+    assert type(cfg) is PretrainRecipe
 
 
 def test_shipped_recipes_exist():
@@ -66,12 +69,14 @@ def test_every_shipped_recipe_validates(path):
 def test_dump_config_round_trips(path, tmp_path):
     cfg = load_recipe(path)
     text = dump_config(cfg)
-    assert validate(yaml.safe_load(text), "dumped") == cfg
+    assert validate_recipe(yaml.safe_load(text), "dumped") == cfg
+    assert validate(yaml.safe_load(text), "dumped", RECIPE_KINDS[cfg.kind]) == cfg
     # And through a file, the way a run's resolved config.yaml is re-read on resume.
     assert load_recipe(write(tmp_path, text, "resolved.yaml")) == cfg
     # The dump is fully resolved: every section present, nothing left to defaults.
     data = yaml.safe_load(text)
-    assert set(data) == set(RecipeConfig.model_fields)
+    assert set(data) == set(type(cfg).model_fields) == set(RecipeConfig.model_fields) | {"kind"}
+    assert data["kind"] == cfg.kind
     assert set(data["train"]["schedule"]) == {"name", "warmup_steps", "min_lr_ratio", "decay_fraction"}
 
 
@@ -310,14 +315,26 @@ def test_create_method_validates_options_too():
     assert create_method("bitfit", {"include_norms": False}).options.include_norms is False
 
 
-@pytest.mark.parametrize("override,words", [("model.preset=llama-tiyn", ["model.preset", "did you mean 'llama-tiny'"]),
-                                            ("model.overrides.num_hiden_layers=1",
-                                             ["num_hiden_layers", "did you mean 'num_hidden_layers'"])])
-def test_model_section_is_validated_by_load_recipe(override, words):
+def test_model_preset_is_validated_by_load_recipe():
     with pytest.raises(ConfigError) as err:
-        load_recipe("quickstart", [override])
-    for word in words:
+        load_recipe("quickstart", ["model.preset=llama-tiyn"])
+    for word in ["model.preset", "did you mean 'llama-tiny'"]:
         assert word in one_line(err)
+
+
+def test_misspelt_model_override_fails_before_any_work(tmp_path):
+    # Changed with protocol v2: checking model.overrides needs the HF config classes (transformers,
+    # torch), which recipe validation no longer imports; the stage checks them first thing, before the
+    # run directory, the tokenizer or the data exist.
+    from tunelab.errors import ModelError
+    from tunelab.stages import run_stage
+
+    cfg = load_recipe("quickstart", ["model.overrides.num_hiden_layers=1"])
+    with pytest.raises(ModelError) as err:
+        run_stage(cfg, out=tmp_path / "run", quiet=True)
+    for word in ["num_hiden_layers", "did you mean 'num_hidden_layers'"]:
+        assert word in one_line(err)
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- files
@@ -376,3 +393,144 @@ def test_cli_bad_key_exits_2_with_one_line():
     assert len(lines) == 1, proc.stderr
     assert "train.max_step" in lines[0] and "did you mean" in lines[0]
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+
+
+# ---------------------------------------------------------------- recipe kinds (a union on `kind`)
+
+
+def test_recipe_kinds_table():
+    assert RECIPE_KINDS == {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe}
+    for kind, cls in RECIPE_KINDS.items():
+        assert issubclass(cls, RecipeConfig) and cls.model_fields["kind"].default == kind
+
+
+def test_unknown_kind_is_a_one_line_error_with_hint(tmp_path):
+    path = write(tmp_path, "kind: finetnue\nmodel: {path: somewhere}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = one_line(err)
+    assert str(path) in msg and "kind" in msg and "'finetnue'" in msg
+    assert "did you mean 'finetune'" in msg and "pretrain" in msg  # the known kinds are listed
+
+
+def test_finetune_without_model_path_names_model_path(tmp_path):
+    for path, kind in ((write(tmp_path, "kind: finetune\n"), None), (write(tmp_path, "name: x\n", "b.yaml"), "finetune")):
+        with pytest.raises(ConfigError) as err:
+            load_recipe(path, kind=kind)
+        msg = one_line(err)
+        assert str(path) in msg and "model.path" in msg
+
+
+def test_finetune_defaults_to_lora_and_keeps_an_explicit_method(tmp_path):
+    cfg = load_recipe(write(tmp_path, "kind: finetune\nmodel: {path: runs/base/final}\n"))
+    assert type(cfg) is FinetuneRecipe and cfg.kind == "finetune"
+    assert cfg.method.name == "lora" and cfg.method.options == {}
+    # The same recipe without a kind, run as `tunelab finetune`, takes the kind it is run as.
+    assert load_recipe(write(tmp_path, "model: {path: runs/base/final}\n", "b.yaml"), kind="finetune") == cfg
+    explicit = load_recipe(write(tmp_path, "kind: finetune\nmodel: {path: p}\nmethod: {name: bitfit}\n", "c.yaml"))
+    assert explicit.method.name == "bitfit"
+    # Pretraining keeps full as its default method.
+    assert load_recipe(write(tmp_path, "model: {path: p}\n", "d.yaml")).method.name == "full"
+
+
+def test_lora_options_are_validated_at_load_in_a_finetune(tmp_path):
+    path = write(tmp_path, "kind: finetune\nmodel: {path: p}\nmethod: {options: {rank: 4}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = one_line(err)
+    assert "method.options" in msg and "rank" in msg
+
+
+def test_kind_named_in_the_recipe_must_match_the_command(tmp_path):
+    path = write(tmp_path, "kind: pretrain\nmodel: {preset: llama-micro}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, kind="finetune")
+    msg = one_line(err)
+    assert str(path) in msg and "tunelab pretrain" in msg
+    # And the other way round, with a shipped finetune recipe run as pretrain.
+    with pytest.raises(ConfigError) as err:
+        load_recipe("lora-code", kind="pretrain")
+    assert "tunelab finetune" in one_line(err)
+    # Matching kinds (or no kind asked for) load.
+    assert load_recipe(path, kind="pretrain").kind == "pretrain"
+    assert load_recipe("lora-code").kind == "finetune"
+
+
+@pytest.mark.parametrize("eval_spec", ["[builtin:prose]", "[{source: other.txt, name: prose}]"])
+def test_eval_source_clashing_with_a_training_domain_is_an_error(tmp_path, eval_spec):
+    path = write(tmp_path, f"data:\n  train: builtin:prose\n  eval: {eval_spec}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = one_line(err)
+    assert "data.eval" in msg and "'prose'" in msg
+    # A distinct name resolves the clash.
+    assert load_recipe(write(tmp_path, "data:\n  train: builtin:prose\n  eval: [{source: x.txt, name: held}]\n",
+                             "ok.yaml")).data.eval[0].domain == "held"
+
+
+def test_two_eval_sources_with_one_name_are_an_error(tmp_path):
+    path = write(tmp_path, "data:\n  train: builtin:prose\n  eval: [a/notes.txt, b/notes.txt]\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert "data.eval" in one_line(err) and "'notes'" in one_line(err)
+
+
+def test_method_option_typo_fails_at_load_time_not_at_run_time(tmp_path, monkeypatch):
+    # validate_recipe asks the method's Options model through the lazy registry: no stage code runs.
+    import tunelab.stages
+
+    monkeypatch.setattr(tunelab.stages, "run_stage", lambda *a, **k: pytest.fail("a stage started"))
+    path = write(tmp_path, "method:\n  name: bitfit\n  options: {include_norm: false}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = one_line(err)
+    assert str(path) in msg and "method.options" in msg and "did you mean 'include_norms'" in msg
+
+
+def test_validate_recipe_does_not_mutate_its_input():
+    data = {"model": {"preset": "llama-micro"}}
+    validate_recipe(data, "x", kind="pretrain")
+    assert data == {"model": {"preset": "llama-micro"}}
+
+
+# ---------------------------------------------------------------- import cost: validation needs no torch
+
+
+def test_loading_recipes_imports_no_torch():
+    import json
+
+    recipes = sorted(p.stem for p in SHIPPED)
+    code = ("import sys, json\n"
+            "import tunelab.config\n"
+            "from tunelab.config import load_recipe\n"
+            f"cfgs = [load_recipe(r) for r in {recipes!r}]\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'safetensors'))\n"
+            "methods = sorted(m for m in sys.modules if m.startswith('tunelab.methods.'))\n"
+            "print(json.dumps([heavy, methods]))\n")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lora-code" in recipes  # the lora method module is imported (options validated) and still no torch
+    heavy, methods = json.loads(proc.stdout)
+    assert heavy == [], heavy
+    # The method modules were really imported (their Options validated the recipes' method.options).
+    assert {"tunelab.methods.lora", "tunelab.methods.bitfit"} <= set(methods), methods
+    # -X importtime lists every module imported by an import statement: none of the heavy ones.
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "tunelab.config" in imported
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "transformers", "peft")]
+
+
+def test_cli_help_answers_in_under_a_second():
+    import time
+
+    assert TUNELAB_BIN.exists(), TUNELAB_BIN
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        proc = subprocess.run([str(TUNELAB_BIN), "--help"], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+        assert proc.returncode == 0, proc.stderr
+        assert "pretrain" in proc.stdout and "finetune" in proc.stdout
+    assert min(times) < 1.0, times

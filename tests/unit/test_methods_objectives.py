@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ from torch import nn
 
 from tunelab.config import TrainConfig
 from tunelab.errors import ConfigError
-from tunelab.methods import METHODS, create_method
+from tunelab.methods import METHODS, create_method, method_class
+from tunelab.methods.base import Method, MethodContext
 from tunelab.models import build_model, train_tokenizer
-from tunelab.train.objectives import add_labels
+from tunelab.train.objectives import add_labels, count_targets, fixed_mlm_labeler, sequence_seed
 from tunelab.train.optim import build_optimizer, param_groups
 
 _WORDS = "the model data token train loss step layer weight value cache file text domain batch".split()
@@ -60,17 +62,44 @@ def trainable_ids(model) -> set[int]:
     return {id(p) for p in model.parameters() if p.requires_grad}
 
 
+def ctx(model_path=None) -> MethodContext:
+    recipe = SimpleNamespace(model=SimpleNamespace(path=model_path))
+    return MethodContext(device=torch.device("cpu"), dist=None, recipe=recipe, tokenizer=None, max_steps=10, seed=0)
+
+
 # ---------------------------------------------------------------- registry
 
 
 def test_registry():
-    assert {"full", "bitfit"} <= set(METHODS)
-    for name, cls in METHODS.items():
-        assert cls.name == name
+    assert {"full", "bitfit", "lora"} <= set(METHODS)
+    for name, target in METHODS.items():
+        # Entries are "module:Class" strings (naming a method imports nothing); method_class imports one.
+        assert isinstance(target, str) and target.count(":") == 1, target
+        cls = method_class(name)
+        assert issubclass(cls, Method) and cls.name == name
         method = create_method(name, {})
-        for hook in ("prepare", "trainable_params", "loss", "after_backward", "after_step", "state_dict",
-                     "load_state_dict", "save_final"):
+        assert isinstance(method, cls)
+        for hook in ("prepare", "aux_models", "batch_source", "select_trainable", "trainable_params", "loss",
+                     "train_step", "after_backward", "after_step", "state_dict", "load_state_dict", "tensor_state",
+                     "load_tensor_state", "weights_to_save", "load_weights", "save_final"):
             assert callable(getattr(method, hook)), (name, hook)
+
+
+def test_unknown_method_is_a_config_error_with_hint():
+    with pytest.raises(ConfigError) as err:
+        method_class("lroa")
+    assert "did you mean 'lora'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_base_method_defaults(llama):
+    m = Method()
+    assert m.uses_backward and m.aux_models() == {} and m.tensor_state() == {} and m.state_dict() == {}
+    assert m.select_trainable(llama, 0) is False and m.weights_to_save(llama) is None
+    default = object()
+    assert m.batch_source(default, ctx()) is default
+    assert m.prepare(llama, ctx()) is llama
+    with pytest.raises(NotImplementedError):
+        m.train_step(llama, [], 0, 1e-3)
 
 
 # ---------------------------------------------------------------- bitfit
@@ -78,7 +107,7 @@ def test_registry():
 
 def test_bitfit_llama_trains_exactly_the_norm_gains(llama):
     method = create_method("bitfit", {})
-    model = method.prepare(llama)
+    model = method.prepare(llama, ctx())
     expected = norm_weights_and_biases(model)
     # llama-micro: 2 layers x 2 RMSNorms + the final norm, no biases.
     assert len(expected) == 2 * 2 + 1
@@ -89,7 +118,7 @@ def test_bitfit_llama_trains_exactly_the_norm_gains(llama):
 
 
 def test_bitfit_bert_trains_exactly_biases_and_layernorms(bert):
-    model = create_method("bitfit", {"include_norms": True}).prepare(bert)
+    model = create_method("bitfit", {"include_norms": True}).prepare(bert, ctx())
     expected = norm_weights_and_biases(model)
     # Counted by hand for bert-tiny (2 layers): LayerNorms: embeddings 1 + 2 per layer x 2 + MLM head 1 = 6;
     # biases: 6 Linear per layer x 2 + 6 LayerNorm + head dense 1 + vocab bias 1 = 20.
@@ -98,14 +127,14 @@ def test_bitfit_bert_trains_exactly_biases_and_layernorms(bert):
 
 
 def test_bitfit_bert_without_norms_trains_only_biases(bert):
-    model = create_method("bitfit", {"include_norms": False}).prepare(bert)
+    model = create_method("bitfit", {"include_norms": False}).prepare(bert, ctx())
     assert trainable_ids(model) == norm_weights_and_biases(model, include_norms=False)
     assert all(n.endswith("bias") for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_bitfit_without_norms_on_llama_is_a_config_error(llama):
     with pytest.raises(ConfigError) as err:
-        create_method("bitfit", {"include_norms": False}).prepare(llama)
+        create_method("bitfit", {"include_norms": False}).prepare(llama, ctx())
     msg = str(err.value)
     assert "\n" not in msg and "include_norms" in msg
 
@@ -120,7 +149,7 @@ def _tiny_gpt2():
 
 def test_bitfit_gpt2_includes_layernorm_weights():
     # GPT-2 names its LayerNorms ln_1/ln_2/ln_f: norms must be found by module type, not by name.
-    model = create_method("bitfit", {}).prepare(_tiny_gpt2())
+    model = create_method("bitfit", {}).prepare(_tiny_gpt2(), ctx())
     assert trainable_ids(model) == norm_weights_and_biases(model)
     # By hand, 1 layer: 7 biases (ln_1, c_attn, attn c_proj, ln_2, c_fc, mlp c_proj, ln_f) + 3 LayerNorm gains.
     assert len(trainable_ids(model)) == 10
@@ -128,7 +157,7 @@ def test_bitfit_gpt2_includes_layernorm_weights():
 
 def test_full_trains_everything(llama):
     method = create_method("full", {})
-    model = method.prepare(llama)
+    model = method.prepare(llama, ctx())
     all_params = list(model.named_parameters())
     assert trainable_ids(model) == {id(p) for _, p in all_params}
     assert [n for n, _ in method.trainable_params(model)] == [n for n, _ in all_params]
@@ -153,7 +182,7 @@ def test_param_groups_no_decay_for_ndim_below_2(bert):
 
 
 def test_param_groups_drop_empty_groups(llama):
-    model = create_method("bitfit", {}).prepare(llama)
+    model = create_method("bitfit", {}).prepare(llama, ctx())
     groups = param_groups(create_method("bitfit", {}).trainable_params(model), weight_decay=0.1)
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
 
@@ -216,9 +245,13 @@ def mlm_batch(seed=0, shape=(64, 512)):
     return {"input_ids": ids, "position_ids": torch.arange(shape[1]).repeat(shape[0], 1)}
 
 
+def row_seeds(seed: int, n: int) -> list[int]:
+    return [sequence_seed(seed, i) for i in range(n)]
+
+
 def run_mlm(batch, seed=1234, p=0.15):
     return add_labels(batch, "mlm", mask_id=MASK, mlm_probability=p, vocab_size=VOCAB, special_ids=SPECIAL,
-                      generator=torch.Generator().manual_seed(seed))
+                      seeds=row_seeds(seed, batch["input_ids"].shape[0]))
 
 
 def within(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -296,9 +329,78 @@ def test_mlm_batch_trains_a_bert(bert, tokenizer):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, len(tokenizer), (4, 32), generator=g)
     out = add_labels({"input_ids": ids}, "mlm", mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                     special_ids=tokenizer.all_special_ids, generator=torch.Generator().manual_seed(1))
+                     special_ids=tokenizer.all_special_ids, seeds=row_seeds(1, 4))
     loss = bert(**out).loss
     logits = bert(input_ids=out["input_ids"]).logits
     manual = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), out["labels"].reshape(-1),
                                          ignore_index=-100)
     torch.testing.assert_close(loss, manual)
+
+
+# ---------------------------------------------------------------- objectives: keyed masks, loss masks, counts
+
+
+def test_mlm_masks_are_keyed_per_row_not_per_batch():
+    # Row i depends on seeds[i] alone: any split of a global batch into micro-batches draws the same masks.
+    batch = mlm_batch(seed=3, shape=(6, 64))
+    seeds = row_seeds(77, 6)
+    whole = add_labels(batch, "mlm", mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, seeds=seeds)
+    for parts in ([0, 1, 2, 3, 4, 5], [0, 4, 6], [0, 1, 6]):
+        for lo, hi in zip(parts, parts[1:]):
+            sub = {k: v[lo:hi] for k, v in batch.items()}
+            out = add_labels(sub, "mlm", mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, seeds=seeds[lo:hi])
+            assert torch.equal(out["labels"], whole["labels"][lo:hi])
+            assert torch.equal(out["input_ids"], whole["input_ids"][lo:hi])
+    # Rows with different seeds get different masks (same row content).
+    same = {"input_ids": batch["input_ids"][:1].repeat(2, 1)}
+    out = add_labels(same, "mlm", mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL, seeds=[1, 2])
+    assert not torch.equal(out["labels"][0], out["labels"][1])
+
+
+@pytest.mark.parametrize("seeds", [None, [1, 2, 3]])
+def test_mlm_needs_one_seed_per_row(seeds):
+    with pytest.raises(ValueError, match="seed"):
+        add_labels(mlm_batch(shape=(2, 16)), "mlm", mask_id=MASK, vocab_size=VOCAB, seeds=seeds)
+
+
+def test_loss_mask_becomes_minus_100_in_clm():
+    ids = torch.arange(3, 27).reshape(3, 8)
+    loss_mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0]] * 3)
+    out = add_labels({"input_ids": ids, "loss_mask": loss_mask}, "clm")
+    assert "loss_mask" not in out  # never reaches the model
+    assert torch.equal(out["labels"], torch.where(loss_mask.bool(), ids, torch.tensor(-100)))
+    assert torch.equal(out["input_ids"], ids)
+    # Targets exclude position 0 (nothing predicts it) and every masked token.
+    assert count_targets(out, "clm") == int(loss_mask[:, 1:].sum()) == 3 * 4
+    assert count_targets(add_labels({"input_ids": ids}, "clm"), "clm") == 3 * 7
+
+
+def test_loss_mask_excludes_tokens_from_mlm_targets():
+    batch = mlm_batch(seed=5, shape=(8, 256))
+    loss_mask = torch.zeros_like(batch["input_ids"])
+    loss_mask[:, 128:] = 1
+    out = add_labels({**batch, "loss_mask": loss_mask}, "mlm", mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL,
+                     seeds=row_seeds(0, 8), mlm_probability=0.3)
+    chosen = out["labels"] != -100
+    assert "loss_mask" not in out
+    assert not chosen[:, :128].any() and chosen[:, 128:].sum() > 100
+    assert torch.equal(out["input_ids"][:, :128], batch["input_ids"][:, :128])  # unmasked half untouched
+    assert count_targets(out, "mlm") == int(chosen.sum())  # mlm counts every labelled position
+
+
+def test_fixed_mlm_labeler_is_keyed_on_window_indices():
+    label = fixed_mlm_labeler(MASK, VOCAB, SPECIAL, 0.15)
+    batch = mlm_batch(seed=9, shape=(4, 128))
+    a = label(batch, [10, 11, 12, 13])
+    # The same windows in another batch composition (reordered, split) get the same masks.
+    b = label({k: v[[2, 0]] for k, v in batch.items()}, [12, 10])
+    assert torch.equal(b["labels"], a["labels"][[2, 0]]) and torch.equal(b["input_ids"], a["input_ids"][[2, 0]])
+    # Other window indices, other masks; and the global RNG is not touched.
+    torch.manual_seed(0)
+    expected = torch.rand(2)
+    torch.manual_seed(0)
+    c = label(batch, [20, 21, 22, 23])
+    assert torch.equal(torch.rand(2), expected)
+    assert not torch.equal(c["labels"], a["labels"])
+    # Distinct from the training masks of step 0 (training keys on (seed, step, position)).
+    assert sequence_seed(-1, 10) != sequence_seed(0, 0, 10)

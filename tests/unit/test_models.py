@@ -367,9 +367,40 @@ def test_evaluate_tokens_matches_a_manual_computation(tokenizer):
             nats += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
             n += len(target)
             nbytes += int(lengths[target.numpy()].sum())
-    assert out["tokens"] == n == 4 * 15
+    assert out["eval_tokens"] == n == 4 * 15 and "tokens" not in out
     assert out["loss"] == pytest.approx(nats / n, rel=1e-5)
     assert out["ppl"] == pytest.approx(math.exp(nats / n), rel=1e-5)
+    assert out["bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+
+
+def test_evaluate_tokens_with_a_loss_mask_scores_only_masked_in_targets(tokenizer):
+    import inspect
+
+    from tunelab.data import PackedSequences
+    from tunelab.eval.perplexity import evaluate_tokens
+
+    if "loss_mask" not in inspect.signature(PackedSequences).parameters:
+        pytest.skip("PackedSequences(..., loss_mask=) not there yet (tunelab/data rewrite in progress)")
+    torch.manual_seed(0)
+    model = build_model("llama-micro", tokenizer).eval()
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(3, len(tokenizer), size=6 * 16).astype(np.int64)
+    loss_mask = (rng.random(len(tokens)) < 0.5).astype(np.uint8)
+    lengths = token_byte_lengths(tokenizer)
+    out = evaluate_tokens(model, tokens, 16, eos_id=eos_id(tokenizer), document_mask=False, byte_lengths=lengths,
+                          batch_size=4, loss_mask=loss_mask)
+    nats, n, nbytes = 0.0, 0, 0
+    with torch.no_grad():
+        for w in range(6):
+            ids = torch.from_numpy(tokens[w * 16:(w + 1) * 16]).unsqueeze(0)
+            keep = torch.from_numpy(loss_mask[w * 16:(w + 1) * 16][1:]).bool()  # label t is token t of the window
+            logits = model(input_ids=ids).logits[0, :-1].double()[keep]
+            target = ids[0, 1:][keep]
+            nats += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            n += len(target)
+            nbytes += int(lengths[target.numpy()].sum())
+    assert out["eval_tokens"] == n == int(sum(loss_mask[w * 16 + 1:(w + 1) * 16].sum() for w in range(6)))
+    assert out["loss"] == pytest.approx(nats / n, rel=1e-5)
     assert out["bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
 
 

@@ -158,7 +158,7 @@ def resolve_tokenizer(cfg, cache: Path, log=print):
     where = cache / "tokenizers" / key
     if (where / "tokenizer.json").is_file():
         return models.load_tokenizer(str(where))
-    log(f"training a byte-level BPE tokenizer (vocab {tc.vocab_size}) on up to {tc.train_bytes / 1e6:.0f} MB")
+    log(f"training a byte-level BPE tokenizer (vocab {tc.vocab_size}) on up to {tc.train_bytes / 1e6:.1f} MB")
     tok = models.train_tokenizer(tokenizer_training_texts(cfg.data.train, cache, tc.train_bytes),
                                  tc.vocab_size, tc.min_frequency)
     tmp = where.with_name(f".tmp-{key}-{os.getpid()}")
@@ -188,12 +188,13 @@ def initial_model(cfg, tokenizer):
 class TrainingData:
     sets: list  # PackedSequences, one per training source
     sources: list  # TokenizedSource of each training source
-    eval_sources: list  # eval-only sources (scored whole)
+    eval_sources: list  # eval-only sources (scored whole, or held-out when an ancestor trained on them)
     eval_splits: dict = field(default_factory=dict)  # domain -> (tokens, loss mask or None)
 
 
 def build_data(cfg, tokenizer, cache: Path, log=print) -> TrainingData:
-    from tunelab.data import PackedSequences, tokenize_sources
+    from tunelab.data import PackedSequences, source_content_hash, tokenize_source, tokenize_sources
+    from tunelab.runs import trained_content_hashes
 
     eos = models.eos_id(tokenizer)
     doc_mask = cfg.data.packing == "document"
@@ -205,8 +206,12 @@ def build_data(cfg, tokenizer, cache: Path, log=print) -> TrainingData:
             raise DataError(f"{src.spec.source}: only {len(src.train)} training tokens, fewer than one sequence "
                             f"(data.seq_len={cfg.data.seq_len}): add text or lower data.seq_len")
         sets.append(packed)
-    # Every training source is scored on its own held-out split; eval-only sources are scored whole.
-    eval_only = tokenize_sources(cfg.data.eval, tokenizer, eos, cache, cfg.data.eval_fraction, log=log, split=False)
+    # Every training source is scored on its own held-out split. An eval-only source is scored whole, unless
+    # the starting model or one of its ancestors trained on it: then on its held-out split, so the model is
+    # never scored on text it has seen and forgetting is measured on the same text as the ancestor's own eval.
+    seen = trained_content_hashes(cfg.model.path) if cfg.model.path else set()
+    eval_only = [tokenize_source(spec, tokenizer, eos, cache, cfg.data.eval_fraction, log=log,
+                                 split=source_content_hash(spec, cache, log=log) in seen) for spec in cfg.data.eval]
     splits = {s.domain: (s.eval, s.eval_mask) for s in sources + eval_only}
     return TrainingData(sets=sets, sources=sources, eval_sources=eval_only, eval_splits=splits)
 

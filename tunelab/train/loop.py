@@ -52,7 +52,9 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
         ddp_model = distmod.wrap(model, d)
         return named, optimizer, ddp_model, (torch.compile(ddp_model) if tc.compile else ddp_model)
 
-    method.select_trainable(model, step)
+    # On resume the saved optimizer belongs to the trainable set of the step before the checkpoint: build
+    # that one and load it; the loop's own select_trainable(step) then switches as an uninterrupted run did.
+    method.select_trainable(model, step - 1 if resume_from is not None and step > 0 else step)
     named, optimizer, ddp_model, forward_model = build()
     if resume_from is not None:
         ckpt.load_optimizer(resume_from, optimizer)
@@ -66,6 +68,9 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
                                f"train.lr or use train.precision=fp32; checkpoints so far are kept in {run.checkpoints}")
 
     def save(at_step: int) -> None:
+        # An update can overflow the weights even when the step's loss and gradients were finite (a huge lr).
+        for _, p in method.trainable_params(model):
+            nonfinite.add_((~torch.isfinite(p.detach())).any())
         check_finite(f"checkpoint step-{at_step}")
         rng = d.all_gather_object(ckpt.rng_state())
         if d.main:

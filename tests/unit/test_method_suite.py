@@ -1,0 +1,170 @@
+"""The shared method suite: every entry of tunelab.methods.METHODS, through the real finetune stage.
+
+A new method joins by its registry line. For each one, on a tiny saved model (model.path, so
+methods that adapt a trained model, like lora, run too):
+  - a few steps train and the loss falls;
+  - exactly the method's trainable parameters change, tensor by tensor (the rest stay bit-identical);
+  - final/ (save_final) reloads with models.load_model to the same logits as the trained model in memory;
+  - a run killed with SIGKILL and resumed logs the same losses as an uninterrupted one (slow).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import tunelab.methods
+import tunelab.train.loop
+from conftest import REPO, run_cli, write_corpus
+from tunelab import models
+from tunelab.config import load_recipe
+from tunelab.runs import read_metrics, train_losses
+from tunelab.stages import run_stage
+
+METHOD_NAMES = sorted(tunelab.methods.METHODS)
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("suite") / "corpus", n_docs=30, seed=4)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, corpus) -> Path:
+    """A tiny trained-looking model + tokenizer on disk: what a finetune's model.path points at."""
+    path = tmp_path_factory.mktemp("base") / "model"
+    texts = [p.read_text() for p in sorted(corpus.rglob("*.txt"))]
+    tok = models.train_tokenizer(texts, vocab_size=384)
+    torch.manual_seed(0)
+    model = models.build_model("llama-micro", tok)
+    with torch.no_grad():  # off the init, so a method that re-initialises something would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_recipe(path: Path, corpus: Path, base: Path, method: str, **train) -> Path:
+    path.write_text(yaml.safe_dump({
+        "kind": "finetune",
+        "name": f"suite-{method}",
+        "model": {"path": str(base)},
+        "data": {"train": str(corpus), "seq_len": SEQ},
+        "method": {"name": method},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "lr": 1e-2, "weight_decay": 0.0, "log_every": 1,
+                  "eval_every": 0, "eval_max_tokens": 256, "checkpoint_every": 3, "keep_checkpoints": 3,
+                  "precision": "fp32", "schedule": {"name": "constant"}, **train},
+    }))
+    return path
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Wraps the loop: the prepared model's parameters before training, every name the method ever
+    handed to the optimizer (trainable_params, over all steps), and the trained model."""
+    record: dict = {}
+    real_train = tunelab.train.loop.train
+
+    def train(model, method, *args, **kwargs):
+        record["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        record["trainable"] = set()
+        real = method.trainable_params
+
+        def trainable_params(m):
+            named = real(m)
+            record["trainable"].update(n for n, _ in named)
+            return named
+
+        method.trainable_params = trainable_params
+        result = real_train(model, method, *args, **kwargs)
+        record["model"], record["method"] = result["model"], method
+        return result
+
+    monkeypatch.setattr(tunelab.train.loop, "train", train)
+    return record
+
+
+def logits(model, ids) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_method_trains_only_its_parameters_and_saves_what_it_trained(tmp_path, corpus, base_dir, captured, method):
+    cfg = load_recipe(write_recipe(tmp_path / "r.yaml", corpus, base_dir, method))
+    run = run_stage(cfg, out=tmp_path / "run", quiet=True)
+
+    losses = train_losses(run / "metrics.jsonl")
+    assert sorted(losses) == list(range(1, 7))
+    assert losses[6] < losses[1] - 0.02, losses  # it learns
+
+    model, before, trainable = captured["model"], captured["before"], captured["trainable"]
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert trainable and trainable <= after.keys()
+    for name, p in after.items():
+        if name in trainable:
+            assert not torch.equal(p.detach(), before[name]), f"{method}: trainable {name} did not change"
+        else:
+            assert torch.equal(p.detach(), before[name]), f"{method}: frozen {name} changed"
+            assert not p.requires_grad, f"{method}: {name} requires grad but is not handed to the optimizer"
+    if method != "full":  # a parameter-efficient method trains a small part of the model
+        n_trainable = sum(after[n].numel() for n in trainable)
+        assert n_trainable < 0.5 * sum(p.numel() for p in after.values())
+
+    # final/ through save_final, loaded the way every tunelab command loads a model (or adapter).
+    tok = models.load_tokenizer(str(run / "final"))
+    ids = torch.tensor([tok("the model data token train loss step layer weight")["input_ids"]])
+    reloaded = models.load_model(str(run / "final"))
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
+    # ... and it is not just the base model.
+    assert not torch.equal(logits(models.load_model(str(base_dir)), ids), logits(reloaded, ids))
+
+
+def _last_step(metrics: Path) -> int:
+    return max((e["step"] for e in read_metrics(metrics) if e.get("event") == "train"), default=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_method_resumes_exactly_after_sigkill(tmp_path, corpus, base_dir, method):
+    steps = 24
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, base_dir, method, max_steps=steps, checkpoint_every=4,
+                          lr=3e-3, schedule={"name": "cosine", "warmup_steps": 3})
+    # The uninterrupted reference runs in this process (one interpreter start less); the killed and the
+    # resumed runs are real `tunelab finetune` processes.
+    run_stage(load_recipe(recipe), out=tmp_path / "ref", quiet=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "finetune", str(recipe), "--out", str(out), "--quiet"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True)
+    deadline = time.time() + 300
+    while _last_step(out / "metrics.jsonl") < 6:
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _last_step(out / "metrics.jsonl")
+    assert killed_at < steps, "killed too late to test anything"
+    assert not (out / "final").exists()
+
+    resumed = run_cli("finetune", str(recipe), "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = train_losses(tmp_path / "ref" / "metrics.jsonl"), train_losses(out / "metrics.jsonl")
+    assert sorted(got) == list(range(1, steps + 1))
+    assert got == expected  # bit-identical in fp32 on CPU
+    resumes = [e for e in read_metrics(out / "metrics.jsonl") if e["event"] == "resume"]
+    assert resumes and 0 < resumes[-1]["step"] <= killed_at
