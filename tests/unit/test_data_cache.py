@@ -1,47 +1,29 @@
-"""Held-out split, tokenization and the on-disk token cache."""
+"""Tokenization and the on-disk token cache (the split rule itself: test_data_split.py)."""
 
 from __future__ import annotations
 
-import hashlib
+import builtins
+import io
 import json
 import os
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import tunelab.data.encode as encode
 import tunelab.data.tokcache as tokcache
+from test_data_helpers import age, byte_level_tokenizer, decode_documents, make_code, make_text, write_docs
 from tunelab.config import SourceSpec
 from tunelab.data import split_documents, tokenize_source, tokenize_sources
-
-WORDS = "alpha beta gamma delta token cache eval train split mixture packing window source domain".split()
-
-
-def make_text(rng: random.Random, lines: int) -> str:
-    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(lines))
-
-
-def make_code(rng: random.Random, blocks: int) -> str:
-    """Indentation, blank lines, CRLF: where a careless cut between pieces would change the tokens."""
-    return "".join(make_text(rng, 3) + "\n    " + make_text(rng, 2) + rng.choice(["\n\n", "\r\n", "\n", "  \n"])
-                   for _ in range(blocks))
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level BPE with a few hundred tokens and an <|endoftext|> EOS, trained in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([make_text(rng, 50) for _ in range(10)] + [make_code(rng, 20)], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return byte_level_tokenizer()
 
 
 def run(tmp_path, tokenizer, source, eval_fraction=0.1, log=None, cache="cache"):
@@ -49,81 +31,23 @@ def run(tmp_path, tokenizer, source, eval_fraction=0.1, log=None, cache="cache")
                            eval_fraction, log=log or (lambda *a: None))
 
 
-def write_docs(folder, docs):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, doc in enumerate(docs):
-        (folder / f"doc{i:03d}.txt").write_text(doc, encoding="utf-8")
-    return folder
+@pytest.fixture
+def forbid_reading(monkeypatch):
+    """forbid_reading(root): from now on, opening any file under `root` from Python fails the test."""
+    real_open = builtins.open
 
+    def start(root: Path):
+        root = Path(root).resolve()
 
-def decode_documents(tokenizer, tokens) -> list[str]:
-    """Tokens -> texts, cut at each EOS (every document ends with one)."""
-    ids = np.asarray(tokens).tolist()
-    assert ids and ids[-1] == tokenizer.eos_token_id
-    docs, current = [], []
-    for i in ids:
-        if i == tokenizer.eos_token_id:
-            docs.append(tokenizer.decode(current))
-            current = []
-        else:
-            current.append(i)
-    return docs
+        def guarded(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and Path(file).resolve().is_relative_to(root):
+                raise AssertionError(f"opened {file}: the source should not have been read")
+            return real_open(file, *args, **kwargs)
 
+        monkeypatch.setattr(builtins, "open", guarded)
+        monkeypatch.setattr(io, "open", guarded)  # pathlib's read_bytes/read_text go through io.open
 
-def hash_fraction(doc: str) -> float:
-    return int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big") / 2**64
-
-
-# ---------------------------------------------------------------- held-out split
-
-
-def test_hash_split_follows_the_rule_and_is_stable_under_other_documents():
-    rng = random.Random(1)
-    docs = [make_text(rng, 3) for _ in range(200)]
-    train, held = split_documents(docs, 0.1)
-    assert held == [d for d in docs if hash_fraction(d) < 0.1]
-    assert train == [d for d in docs if hash_fraction(d) >= 0.1]
-    assert 5 < len(held) < 40
-    # A document's side depends on the document alone: dropping others never moves it.
-    train_half, held_half = split_documents(docs[:100], 0.1)
-    assert set(held_half) == set(held) & set(docs[:100])
-    assert split_documents(docs, 0.1) == (train, held)
-
-
-def test_hash_split_guarantees_one_document_on_each_side():
-    docs = [f"document number {i}" for i in range(25)]
-    train, held = split_documents(docs, 1e-9)
-    assert held == [min(docs, key=hash_fraction)] and len(train) == 24
-    same = ["identical"] * 20  # all share one hash: all would go to one side
-    train, held = split_documents(same, 0.49)
-    assert len(train) >= 1 and len(held) >= 1 and len(train) + len(held) == 20
-
-
-def test_few_documents_split_at_a_line_boundary():
-    doc = "".join(f"line {i:02d} of the document\n" for i in range(50))
-    train, held = split_documents([doc], 0.1)
-    assert train[0] + held[0] == doc
-    assert train[0].endswith("\n") and held[0].startswith("line ")  # whole lines
-    assert 0.1 <= len(held[0]) / len(doc) < 0.1 + 30 / len(doc)  # the last tenth, rounded up to a line
-
-
-def test_few_documents_split_edge_cases():
-    single_line = "word " * 100
-    train, held = split_documents([single_line], 0.1)
-    assert train[0] + held[0] == single_line and len(held[0].strip()) > 0 and "\n" not in held[0]
-    long_first_line = "x" * 1000 + "\nlast line\n"
-    train, held = split_documents([long_first_line], 0.02)
-    assert train == ["x" * 1000 + "\n"] and held == ["last line\n"]
-    train, held = split_documents(["a"], 0.1)  # too short to split: training keeps it
-    assert (train, held) == (["a"], [])
-
-
-def test_few_documents_each_contribute_to_both_splits():
-    rng = random.Random(2)
-    docs = [make_text(rng, 30) for _ in range(5)]
-    train, held = split_documents(docs, 0.2)
-    assert len(train) == len(held) == 5
-    assert [t + h for t, h in zip(train, held)] == docs
+    return start
 
 
 # ---------------------------------------------------------------- tokenization
@@ -144,15 +68,18 @@ def test_tokens_decode_back_to_the_documents(tmp_path, tokenizer):
 
 
 def test_single_big_file_is_split_and_tokenized_like_the_tokenizer_does(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(tokcache, "PIECE_CHARS", 500)  # force many pieces, each cut at a safe line end
-    text = make_code(random.Random(4), 150)
+    monkeypatch.setattr(encode, "PIECE_CHARS", 500)  # force many chunks, each cut at a safe line end
+    text = make_code(random.Random(4), 600)
     (tmp_path / "big.txt").write_bytes(text.encode())  # bytes: keep the CRLFs
-    src = run(tmp_path, tokenizer, tmp_path / "big.txt", eval_fraction=0.05)
-    train, held = split_documents([text], 0.05)
+    src = run(tmp_path, tokenizer, tmp_path / "big.txt", eval_fraction=0.2)
+    train, held = split_documents([text], 0.2)
     eos = tokenizer.eos_token_id
-    assert np.asarray(src.train).tolist() == tokenizer(train[0], add_special_tokens=False)["input_ids"] + [eos]
-    assert np.asarray(src.eval).tolist() == tokenizer(held[0], add_special_tokens=False)["input_ids"] + [eos]
-    assert len(list(tokcache._pieces(train[0], tokcache._encoder(tokenizer)))) > 10
+    assert len(train) > 1 and held
+    for tokens, pieces in ((src.train, train), (src.eval, held)):
+        assert np.asarray(tokens).tolist() == [t for piece in pieces
+                                               for t in tokenizer(piece, add_special_tokens=False)["input_ids"] + [eos]]
+    longest = max(train, key=len)
+    assert len(list(encode.chunks(longest, 0, len(longest), encode.encoder(tokenizer)))) > 5
 
 
 def test_backend_truncation_left_on_by_the_caller_is_ignored(tmp_path, tokenizer):
@@ -182,12 +109,14 @@ class CharTokenizer:
 
 
 def test_slow_tokenizer_fallback(tmp_path):
-    (tmp_path / "t.txt").write_text("abc\ndef\n")
-    tok = CharTokenizer()
-    src = tokenize_source(SourceSpec(source=str(tmp_path / "t.txt")), tok, 0, tmp_path / "cache", 0.3,
+    text = make_text(random.Random(5), 400) + "\n"
+    (tmp_path / "t.txt").write_text(text)
+    src = tokenize_source(SourceSpec(source=str(tmp_path / "t.txt")), CharTokenizer(), 0, tmp_path / "cache", 0.3,
                           log=lambda *a: None)
-    assert np.asarray(src.train).tolist() == [ord(c) for c in "abc\n"] + [0]
-    assert np.asarray(src.eval).tolist() == [ord(c) for c in "def\n"] + [0]
+    train, held = split_documents([text], 0.3)
+    assert train and held
+    assert np.asarray(src.train).tolist() == [t for piece in train for t in [ord(c) for c in piece] + [0]]
+    assert np.asarray(src.eval).tolist() == [t for piece in held for t in [ord(c) for c in piece] + [0]]
 
 
 def test_decode_errors_are_reported(tmp_path, tokenizer):
@@ -207,7 +136,7 @@ def test_second_call_is_a_cache_hit_without_tokenizing(tmp_path, tokenizer, monk
     def no_encoding(_tokenizer):
         raise AssertionError("a cache hit must not tokenize")
 
-    monkeypatch.setattr(tokcache, "_encoder", no_encoding)
+    monkeypatch.setattr(tokcache, "encoder", no_encoding)
     second = run(tmp_path, tokenizer, folder, log=logged.append)
     assert "cached" in logged[-1]
     assert second.cache_key == first.cache_key and np.array_equal(second.train, first.train)
@@ -271,3 +200,125 @@ def test_tokenize_sources_keeps_order_and_domains(tmp_path, tokenizer):
     specs = [SourceSpec(source=str(tmp_path / "b.txt")), SourceSpec(source=str(tmp_path / "a.txt"), name="named")]
     out = tokenize_sources(specs, tokenizer, tokenizer.eos_token_id, tmp_path / "cache", 0.3, log=lambda *a: None)
     assert [s.domain for s in out] == ["b", "named"] and [s.spec for s in out] == specs
+
+
+# ---------------------------------------------------------------- unchanged sources are not read again
+
+
+def mixed_folder(root: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_docs(root, [make_text(random.Random(i), 40) for i in range(5)])
+    (root / "rows.jsonl").write_text("".join(json.dumps({"text": make_text(random.Random(10 + i), 3)}) + "\n"
+                                             for i in range(20)))
+    pq.write_table(pa.table({"text": [make_text(random.Random(40 + i), 3) for i in range(20)]}), root / "t.parquet")
+    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    age(root)
+    return root
+
+
+def test_a_cached_source_whose_files_did_not_change_is_not_opened(tmp_path, tokenizer, forbid_reading):
+    folder = mixed_folder(tmp_path / "docs")
+    first = run(tmp_path, tokenizer, folder)
+    forbid_reading(folder)
+    logged = []
+    second = run(tmp_path, tokenizer, folder, log=logged.append)
+    assert second.cache_key == first.cache_key and second.content_hash == first.content_hash
+    assert np.array_equal(second.train, first.train) and np.array_equal(second.eval, first.eval)
+    assert "cached" in logged[-1]
+    assert any("image.png" in line and "binary" in line for line in logged)  # warnings still shown
+    single = tmp_path / "one" / "single.txt"
+    single.parent.mkdir()
+    single.write_text(make_text(random.Random(1), 50))
+    age(single)
+    first_single = run(tmp_path, tokenizer, single)
+    forbid_reading(single)
+    assert run(tmp_path, tokenizer, single).cache_key == first_single.cache_key
+
+
+@pytest.mark.parametrize("change", ["same_size_edit", "resize", "add", "remove", "touch"])
+def test_a_changed_folder_is_read_again(tmp_path, tokenizer, change):
+    folder = mixed_folder(tmp_path / "docs")
+    first = run(tmp_path, tokenizer, folder)
+    target = folder / "doc002.txt"
+    if change == "same_size_edit":
+        text = target.read_text()
+        target.write_text(text.replace("alpha", "ALPHA") if "alpha" in text else text.upper())
+        assert target.stat().st_size == len(text)
+    elif change == "resize":
+        target.write_text(target.read_text() + "\nmore")
+    elif change == "add":
+        (folder / "new.txt").write_text("a new document")
+    elif change == "remove":
+        target.unlink()
+    else:
+        os.utime(target)  # new mtime, same content: read again, same hash, the cached tokens are reused
+    age(folder, 30)  # any later time counts as a change, old or new
+    second = run(tmp_path, tokenizer, folder)
+    assert (second.content_hash == first.content_hash) == (change == "touch")
+    assert (second.cache_key == first.cache_key) == (change == "touch")
+
+
+def test_a_file_just_written_is_not_indexed_until_it_is_older(tmp_path, tokenizer, monkeypatch):
+    import tunelab.data.readers as readers
+
+    path = tmp_path / "fresh.txt"
+    path.write_text(make_text(random.Random(2), 30))
+    opened = []
+    real_open = readers._open
+    monkeypatch.setattr(readers, "_open", lambda p: opened.append(p) or real_open(p))
+    run(tmp_path, tokenizer, path)
+    run(tmp_path, tokenizer, path)
+    assert len(opened) == 4  # hash + tokenize, then hash again: mtime too recent to trust
+    age(path)
+    run(tmp_path, tokenizer, path)
+    run(tmp_path, tokenizer, path)
+    assert len(opened) == 5  # read once to index it, then not at all
+
+
+def test_a_new_tokenizer_reads_unchanged_files_once(tmp_path, tokenizer, monkeypatch):
+    import tunelab.data.readers as readers
+
+    folder = mixed_folder(tmp_path / "docs")
+    run(tmp_path, tokenizer, folder)
+    opened = []
+    real_open = readers._open
+    monkeypatch.setattr(readers, "_open", lambda p: opened.append(Path(p).name) or real_open(p))
+    src = run(tmp_path, byte_level_tokenizer("bos"), folder)
+    assert sorted(opened) == sorted(p.name for p in folder.iterdir())  # tokenizing, no second pass to hash
+    assert src.train[0] == 1  # the new tokenizer's BOS
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_caught_when_tokenizing(tmp_path, tokenizer):
+    from tunelab.errors import DataError
+
+    path = tmp_path / "t.txt"
+    path.write_text("version one\n")
+    age(path)
+    run(tmp_path, tokenizer, path)
+    stat = path.stat()
+    path.write_text("version two\n")  # same size, and the mtime put back: invisible to the stat index
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match="changed while it was being read; run again"):
+        run(tmp_path, byte_level_tokenizer("bos"), path)  # a token cache miss reads the file: new hash
+    again = run(tmp_path, byte_level_tokenizer("bos"), path)  # the index entry was dropped: read afresh
+    assert decode_documents(byte_level_tokenizer("bos"), again.train) == ["<s>version two\n"]
+
+
+def test_memory_does_not_grow_with_the_source(tmp_path, tokenizer, monkeypatch):
+    """Documents are read, split and encoded as a stream: Python's peak allocation while tokenizing is
+    about one batch, whatever the size of the source (a list of all documents would grow with it)."""
+    import tracemalloc
+
+    monkeypatch.setattr(encode, "BATCH_CHARS", 50_000)
+    docs = [make_text(random.Random(i), 1500) for i in range(48)]  # about 65 KB each
+    peaks = []
+    for n in (8, 48):
+        folder = write_docs(tmp_path / f"docs{n}", docs[:n])
+        tracemalloc.start()
+        run(tmp_path, tokenizer, folder)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    source_bytes = sum(len(d) for d in docs)
+    assert peaks[1] < 1.5 * peaks[0] and peaks[1] < source_bytes / 3, (peaks, source_bytes)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+import tunelab.data.readers as readers
+from test_data_helpers import age
 from tunelab.config import SourceSpec
-from tunelab.data import content_hash, read_documents, tokenizer_training_texts
+from tunelab.data import content_hash, iter_documents, read_documents, source_content_hash, tokenizer_training_texts
 from tunelab.errors import DataError
 
 
@@ -251,3 +254,133 @@ def test_tokenizer_training_texts_slice_a_big_file_so_others_are_represented(tmp
                                           tmp_path, 100_000))
     assert "small doc" in texts
     assert sum(len(t.encode()) for t in texts) == 100_000
+
+
+def test_tokenizer_training_texts_read_only_what_the_budget_takes(tmp_path, monkeypatch):
+    (tmp_path / "many").mkdir()
+    for i in range(50):
+        (tmp_path / "many" / f"f{i:02d}.txt").write_text(f"file {i} " * 100)
+    opened = record_opens(monkeypatch)
+    texts = list(tokenizer_training_texts([SourceSpec(source=str(tmp_path / "many"))], tmp_path, 2_000))
+    assert sum(len(t) for t in texts) == 2_000
+    assert len(opened) <= 3  # 800 bytes a file: the rest of the folder is never opened
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def record_opens(monkeypatch) -> list[str]:
+    opened = []
+    real_open = readers._open
+    monkeypatch.setattr(readers, "_open", lambda path: opened.append(Path(path).name) or real_open(path))
+    return opened
+
+
+def test_documents_are_read_as_they_are_consumed(tmp_path, monkeypatch):
+    (tmp_path / "folder").mkdir()
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / "folder" / name).write_text(f"text of {name}")
+    opened = record_opens(monkeypatch)
+    docs = iter_documents(SourceSpec(source=str(tmp_path / "folder")), tmp_path / "cache")
+    assert next(docs) == "text of a.txt" and opened == ["a.txt"]  # one file at a time
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "first"}\n{"text": "second"}\nbroken\n')
+    rows = iter_documents(SourceSpec(source=str(path)), tmp_path / "cache")
+    assert next(rows) == "first" and next(rows) == "second"  # line by line: the bad line is not read yet
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not a JSON object"):
+        next(rows)
+
+
+# ---------------------------------------------------------------- segmented documents (loss masks)
+
+
+def test_jsonl_segments_become_a_segmented_document(tmp_path):
+    rows = [{"text": "plain"},
+            {"text": [{"text": "Prompt: ", "loss": False}, {"text": "answer"}, {"text": "", "loss": False}]},
+            {"text": [{"text": "bad \ud800 surrogate", "loss": True}]},
+            {"text": [{"text": "", "loss": False}]},  # no text at all: dropped like an empty document
+            {"text": []}]
+    docs = read(str(write_jsonl(tmp_path / "d.jsonl", rows)), tmp_path)
+    assert docs.docs == ["plain", [("Prompt: ", False), ("answer", True)], [("bad \ufffd surrogate", True)]]
+    assert docs.decode_errors == 1
+    assert docs.content_hash == content_hash(docs.docs)
+
+
+@pytest.mark.parametrize("value", [["just a string"], [{"loss": False}], [{"text": "x", "loss": "no"}], [{"text": 3}]])
+def test_a_bad_segment_is_a_one_line_error(tmp_path, value):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"text": value}])
+    with pytest.raises(DataError) as err:
+        read(str(path), tmp_path)
+    message = str(err.value)
+    assert f"{path}:2" in message and "item 0 of field 'text'" in message and '"loss"' in message
+    assert "\n" not in message
+
+
+def test_parquet_and_hf_segments(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    segments = [[{"text": "Q: ", "loss": False}, {"text": "A", "loss": True}], [{"text": "all trained", "loss": None}]]
+    expected = [[("Q: ", False), ("A", True)], [("all trained", True)]]
+    pq.write_table(pa.table({"text": segments}), tmp_path / "d.parquet")
+    assert read(str(tmp_path / "d.parquet"), tmp_path).docs == expected
+    datasets.Dataset.from_dict({"text": segments}).save_to_disk(str(tmp_path / "ds"))
+    assert read("hf:" + str(tmp_path / "ds"), tmp_path).docs == expected
+
+
+def test_content_hash_counts_segments_and_their_loss():
+    from tunelab.data import builtin
+
+    docs = ["ab", "c", "d\u00e9"]
+    assert content_hash(docs) == builtin.content_hash(docs)  # plain documents: the built-in corpus's hash
+    assert content_hash([[("ab", True)]]) != content_hash(["ab"])
+    assert content_hash([[("ab", True)]]) != content_hash([[("ab", False)]])
+    assert content_hash([[("a", True), ("b", True)]]) != content_hash([[("ab", True)]])
+
+
+# ---------------------------------------------------------------- the stat index
+
+
+def test_source_content_hash_is_the_documents_hash_and_comes_from_the_index(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    write_jsonl(tmp_path / "docs" / "a.jsonl", [{"text": "one", "body": "uno"}, {"text": "two", "body": "dos"}])
+    (tmp_path / "docs" / "b.txt").write_text("three")
+    age(tmp_path / "docs")
+    spec = SourceSpec(source=str(tmp_path / "docs"))
+    expected = read_documents(spec, tmp_path / "cache").content_hash
+    assert source_content_hash(spec, tmp_path / "cache") == expected
+    opened = record_opens(monkeypatch)
+    assert source_content_hash(spec, tmp_path / "cache") == expected and opened == []
+    other_field = SourceSpec(source=str(tmp_path / "docs"), text_field="body")
+    assert source_content_hash(other_field, tmp_path / "cache") == content_hash(["uno", "dos", "three"])
+    assert opened == ["a.jsonl", "b.txt"]
+    index = list((tmp_path / "cache" / "sources").glob("*.json"))
+    assert len(index) == 2 and all(json.loads(p.read_text())["files"] == 2 for p in index)
+
+
+def test_hf_sources_use_the_index_too(tmp_path, monkeypatch):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["one", "two"]}).save_to_disk(str(tmp_path / "ds"))
+    age(tmp_path / "ds")
+    spec = SourceSpec(source="hf:" + str(tmp_path / "ds"))
+    first = source_content_hash(spec, tmp_path / "cache")
+    assert first == content_hash(["one", "two"])
+
+    def no_loading(*args):
+        raise AssertionError("an unchanged hf: folder must not be loaded")
+
+    monkeypatch.setattr(readers, "_load_hf", no_loading)
+    assert source_content_hash(spec, tmp_path / "cache") == first
+
+
+def test_a_damaged_index_is_ignored(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("some text")
+    age(path)
+    spec = SourceSpec(source=str(path))
+    first = source_content_hash(spec, tmp_path / "cache")
+    for entry in (tmp_path / "cache" / "sources").glob("*.json"):
+        entry.write_text("{not json")
+    assert source_content_hash(spec, tmp_path / "cache") == first

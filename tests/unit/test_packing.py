@@ -54,6 +54,19 @@ def test_collate_stacks_int64_tensors():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [9, 10, 11, 12]]
 
 
+def test_loss_mask_windows_follow_the_token_windows():
+    tokens = np.arange(1, 13, dtype=np.uint16)
+    mask = np.array([0, 0, 1, 1, 1, 0, 1, 1, 0, 0, 0, 1], dtype=np.uint8)
+    packed = PackedSequences(tokens, 4, EOS, document_mask=False, loss_mask=mask)
+    assert list(packed[0]) == ["input_ids", "loss_mask"]
+    assert packed[1]["loss_mask"].tolist() == [1, 0, 1, 1] and packed[1]["loss_mask"].dtype == np.int64
+    batch = collate([packed[0], packed[2]])
+    assert batch["loss_mask"].dtype == torch.int64 and batch["loss_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+    assert "loss_mask" not in PackedSequences(tokens, 4, EOS, False)[0]  # no mask given: no key
+    with pytest.raises(ValueError, match="loss_mask"):
+        PackedSequences(tokens, 4, EOS, False, loss_mask=mask[:-1])
+
+
 def test_restarting_position_ids_keep_attention_inside_each_document():
     """The contract `packing: document` relies on: with no attention mask, HF turns restarting position
     ids into a block-diagonal causal mask. Only without a KV cache: the forward must pass use_cache=False."""

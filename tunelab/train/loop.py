@@ -64,7 +64,7 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
     def check_finite(what: str) -> None:
         # One host sync, only at log and checkpoint steps: a non-finite model is never saved.
         if d.all_reduce_sum(nonfinite.clone()).item() > 0:
-            raise TunelabError(f"loss or gradients became non-finite by step {step} ({what} refused): lower "
+            raise TunelabError(f"loss, gradients or weights became non-finite by step {step} ({what} refused): lower "
                                f"train.lr or use train.precision=fp32; checkpoints so far are kept in {run.checkpoints}")
 
     def save(at_step: int) -> None:
