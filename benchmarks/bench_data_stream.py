@@ -160,16 +160,6 @@ def run_child(mode: str, source: Path, tokenizer: Path, cache: Path) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def measure(name: str, source: Path, tokenizer: Path, cache: Path) -> None:
     size = source_bytes(source)
     for kept in (cache / "tokens", cache / "sources"):  # a fresh run starts from no cache (--keep reuses DIR)
@@ -208,12 +198,12 @@ def main() -> None:
     import tokenizers
     import transformers
 
-    from tunelab import models
+    from tunelab import models, runs
     from tunelab.data.sources import RACY_SECONDS
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="tunelab-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+    print(f"CPU: {runs.cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
           f"tokenizers {tokenizers.__version__}, transformers {transformers.__version__}")
     print(f"working in {work}")
     try:

@@ -53,3 +53,28 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or REPO, stdin=subprocess.DEVNULL)
+
+
+def last_logged_step(metrics: Path) -> int:
+    from tunelab.runs import read_metrics
+
+    return max((e["step"] for e in read_metrics(metrics) if e.get("event") == "train"), default=0)
+
+
+def run_and_sigkill(command: str, recipe: Path, out: Path, after_step: int, *extra: str) -> int:
+    """Start `tunelab COMMAND RECIPE --out OUT`, SIGKILL it once it has logged `after_step`; returns the
+    last step it logged. The exact-resume tests resume it and compare with an uninterrupted run."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", command, str(recipe), "--out", str(out), "--quiet",
+                             *extra], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while last_logged_step(out / "metrics.jsonl") < after_step:
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "the run did not reach the step to kill it at"
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return last_logged_step(out / "metrics.jsonl")

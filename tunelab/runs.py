@@ -96,7 +96,7 @@ def _git_commit(where: Path) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -124,7 +124,7 @@ def environment() -> dict:
         "packages": versions,
         "git_commit": _git_commit(Path(__file__).resolve().parent),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "gpus": gpus,
         "argv": sys.argv,

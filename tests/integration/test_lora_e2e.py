@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import run_and_sigkill, run_cli
 from tunelab.runs import read_metrics, train_losses
 
 # peft 0.21 reads a property transformers 5 deprecated, in PeftModel.from_pretrained called directly below.
@@ -109,17 +104,6 @@ def test_lora_finetune_through_the_cli(tmp_path, corpus_dir, base_run):
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
-def _launch(recipe_path: Path, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tunelab", "finetune", str(recipe_path), "--out", str(out),
-                             "--quiet", *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
-
-
-def _last_step(metrics: Path) -> int:
-    steps = [e["step"] for e in read_metrics(metrics) if e.get("event") == "train"]
-    return max(steps, default=0)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after_step", [2, 7])
 def test_lora_exact_resume_after_sigkill(tmp_path, corpus_dir, base_run, kill_after_step):
@@ -130,15 +114,7 @@ def test_lora_exact_resume_after_sigkill(tmp_path, corpus_dir, base_run, kill_af
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "killed"
-    proc = _launch(ft_recipe, out, *model_path)
-    deadline = time.time() + 300
-    while _last_step(out / "metrics.jsonl") < kill_after_step:
-        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert _last_step(out / "metrics.jsonl") < 14, "killed too late to test anything"
+    assert run_and_sigkill("finetune", ft_recipe, out, kill_after_step, *model_path) < 14, "killed too late"
 
     resumed = run_cli("finetune", str(ft_recipe), *model_path, "--out", str(out), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -7,13 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tunelab.methods
-from conftest import REPO, make_document, run_cli, write_corpus
+from conftest import make_document, run_and_sigkill, run_cli, write_corpus
 from tunelab import models
 from tunelab.config import validate_recipe
 from tunelab.errors import RunDirError, TunelabError
@@ -370,10 +365,6 @@ def test_dropout_run_resumes_exactly_from_a_checkpoint(tmp_path, corpus):
     assert train_losses(copy / "metrics.jsonl") == train_losses(run / "metrics.jsonl")
 
 
-def _last_step(metrics: Path) -> int:
-    return max((e["step"] for e in read_metrics(metrics) if e.get("event") == "train"), default=0)
-
-
 @pytest.mark.slow
 def test_dropout_run_killed_and_resumed_is_exact(tmp_path, corpus):
     from tunelab.config import load_recipe
@@ -382,17 +373,7 @@ def test_dropout_run_killed_and_resumed_is_exact(tmp_path, corpus):
     recipe_path = dropout_recipe(tmp_path / "r.yaml", corpus, max_steps=steps, checkpoint_every=3)
     run_stage(load_recipe(recipe_path), out=tmp_path / "ref", quiet=True)  # the uninterrupted reference
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "pretrain", str(recipe_path), "--out", str(out),
-                             "--quiet"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    while _last_step(out / "metrics.jsonl") < 8:
-        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()}"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert _last_step(out / "metrics.jsonl") < steps, "killed too late to test anything"
+    assert run_and_sigkill("pretrain", recipe_path, out, 8) < steps, "killed too late to test anything"
     resumed = run_cli("pretrain", str(recipe_path), "--out", str(out), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = train_losses(tmp_path / "ref" / "metrics.jsonl"), train_losses(out / "metrics.jsonl")

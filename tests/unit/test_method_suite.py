@@ -10,11 +10,6 @@ methods that adapt a trained model, like lora, run too):
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +18,7 @@ import yaml
 
 import tunelab.methods
 import tunelab.train.loop
-from conftest import REPO, run_cli, write_corpus
+from conftest import run_and_sigkill, run_cli, write_corpus
 from tunelab import models
 from tunelab.config import load_recipe
 from tunelab.runs import read_metrics, train_losses
@@ -132,10 +127,6 @@ def test_method_trains_only_its_parameters_and_saves_what_it_trained(tmp_path, c
     assert not torch.equal(logits(models.load_model(str(base_dir)), ids), logits(reloaded, ids))
 
 
-def _last_step(metrics: Path) -> int:
-    return max((e["step"] for e in read_metrics(metrics) if e.get("event") == "train"), default=0)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_method_resumes_exactly_after_sigkill(tmp_path, corpus, base_dir, method):
@@ -147,17 +138,7 @@ def test_method_resumes_exactly_after_sigkill(tmp_path, corpus, base_dir, method
     run_stage(load_recipe(recipe), out=tmp_path / "ref", quiet=True)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "finetune", str(recipe), "--out", str(out), "--quiet"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True)
-    deadline = time.time() + 300
-    while _last_step(out / "metrics.jsonl") < 6:
-        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _last_step(out / "metrics.jsonl")
+    killed_at = run_and_sigkill("finetune", recipe, out, 6)
     assert killed_at < steps, "killed too late to test anything"
     assert not (out / "final").exists()
 
