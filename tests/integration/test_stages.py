@@ -316,6 +316,26 @@ def test_a_source_an_ancestor_trained_on_stays_held_out(tmp_path, corpus):
     assert evaluate_model(str(base / "final"), [str(other)], seq_len=SEQ, log=lambda *a: None)["other"]["split"] == "whole"
 
 
+def test_tunelab_eval_reproduces_training_eval_for_mlm_and_masked_sources(tmp_path, corpus, masked_jsonl):
+    """`tunelab eval` scores exactly what training-time evaluation scored: the run's own MLM mask
+    probability with masks keyed on each window (not the batch), and loss masks from the cache."""
+    from tunelab.evaluate import evaluate_model
+
+    mlm = recipe_dict(corpus, objective="mlm", mlm_probability=0.3, max_steps=3, micro_batch_size=3,
+                      eval_max_tokens=6 * SEQ, checkpoint_every=0)
+    mlm["model"] = {"preset": "bert-tiny"}
+    clm = recipe_dict(masked_jsonl, max_steps=3, eval_max_tokens=6 * SEQ, checkpoint_every=0)
+    for name, data in (("mlm", mlm), ("masked", clm)):
+        run = run_stage(validate_recipe(data, name), out=tmp_path / name, quiet=True)
+        logged = {e["domain"]: e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"}
+        (domain,) = logged
+        again = evaluate_model(str(run / "final"), [data["data"]["train"]], seq_len=SEQ, max_tokens=6 * SEQ,
+                               log=lambda *a: None)[domain]
+        assert again["split"] == "held-out"
+        assert again["eval_tokens"] == logged[domain]["eval_tokens"], name
+        assert again["loss"] == pytest.approx(logged[domain]["loss"], rel=1e-5), name
+
+
 # ---------------------------------------------------------------- precision auto
 
 
