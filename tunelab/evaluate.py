@@ -38,15 +38,15 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     """Per-domain loss / perplexity / bits per byte of a model (or adapter) directory.
 
     split="auto": a source the model or any of its ancestors trained on (by content hash, through
-    lineage.json) is scored on its held-out split only (same rule and eval_fraction as the run), so
-    a model is never scored on text it has seen; any other source is scored whole, as training
+    lineage.json) is scored on its held-out split only (the smallest eval_fraction any of them held
+    out), so a model is never scored on text it has seen; any other source is scored whole, as training
     scores its eval-only sources. "held-out" / "whole" force one or the other (to compare models of
     different histories on the same text, use "held-out").
     """
     from tunelab.config import DataConfig, TrainConfig
     from tunelab.data import source_content_hash, tokenize_source
     from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
-    from tunelab.runs import trained_content_hashes
+    from tunelab.runs import trained_sources
 
     if split not in SPLITS:
         from tunelab.errors import ConfigError
@@ -55,6 +55,7 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     recipe = run_recipe(model_dir) or {}
     run_data = recipe.get("data", {})
     defaults = DataConfig()
+    explicit_fraction = eval_fraction
     eval_fraction = eval_fraction or run_data.get("eval_fraction", defaults.eval_fraction)
     packing = run_data.get("packing", defaults.packing)
     mlm_probability = recipe.get("train", {}).get("mlm_probability", TrainConfig().mlm_probability)
@@ -74,11 +75,13 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
                                      mlm_probability)
     byte_lengths = token_byte_lengths(tokenizer)
     cache = resolve_cache_dir()
-    seen = trained_content_hashes(model_dir) if split == "auto" else set()
+    seen = trained_sources(model_dir)
     results = {}
     for spec in specs:
-        held_out = split == "held-out" or (split == "auto" and source_content_hash(spec, cache, log=log) in seen)
-        src = tokenize_source(spec, tokenizer, eos, cache, eval_fraction, log=log, split=held_out)
+        digest = source_content_hash(spec, cache, log=log)
+        held_out = split == "held-out" or (split == "auto" and digest in seen)
+        fraction = explicit_fraction or seen.get(digest) or eval_fraction
+        src = tokenize_source(spec, tokenizer, eos, cache, fraction, log=log, split=held_out)
         results[src.domain] = evaluate_tokens(model, src.eval, seq_len, eos_id=eos, document_mask=packing == "document",
                                               byte_lengths=byte_lengths, max_tokens=max_tokens, objective=objective,
                                               label_fn=label_fn, loss_mask=src.eval_mask)

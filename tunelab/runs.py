@@ -176,14 +176,16 @@ def _lineage_files(model_dir: Path) -> list[Path]:
     return found
 
 
-def trained_content_hashes(model_dir: str | Path, max_depth: int = 32) -> set[str]:
-    """Content hashes of every data source the model, or any model it descends from, was trained on.
+def trained_sources(model_dir: str | Path, max_depth: int = 32) -> dict[str, float | None]:
+    """Every data source the model, or any model it descends from, was trained on: content hash ->
+    the smallest eval_fraction any of them held out (None when not recorded).
 
-    Walks lineage.json files up the chain of parents (runs, exports, adapters' bases). Used to keep
-    a source any ancestor trained on to its held-out split when scoring the model.
+    Walks lineage.json files up the chain of parents (runs, exports, adapters' bases). Scoring a
+    model on such a source uses that held-out split: text none of them trained on, and the very text
+    the ancestor itself was scored on (the hash rule holds out a subset for a smaller fraction).
     """
     seen_dirs: set[str] = set()
-    hashes: set[str] = set()
+    found: dict[str, float | None] = {}
     todo = [Path(model_dir).expanduser()]
     while todo and len(seen_dirs) < max_depth:
         here = todo.pop()
@@ -196,7 +198,10 @@ def trained_content_hashes(model_dir: str | Path, max_depth: int = 32) -> set[st
                 record = json.loads(file.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            hashes.update(d["content_hash"] for d in record.get("data", []) if d.get("content_hash"))
+            for d in record.get("data", []):
+                if d.get("content_hash"):
+                    fractions = [f for f in (found.get(d["content_hash"]), d.get("eval_fraction")) if f is not None]
+                    found[d["content_hash"]] = min(fractions) if fractions else None
             parents = record.get("parents") or ([record["parent"]] if record.get("parent") else [])
-            todo += [Path(p[k]) for p in parents for k in ("path",) if isinstance(p, dict) and p.get(k)]
-    return hashes
+            todo += [Path(p["path"]) for p in parents if isinstance(p, dict) and p.get("path")]
+    return found

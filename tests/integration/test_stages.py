@@ -295,10 +295,11 @@ def test_a_source_an_ancestor_trained_on_stays_held_out(tmp_path, corpus):
     other.mkdir()
     for i in range(30):
         (other / f"d{i}.txt").write_text(make_document(rng, 20) + "\n")
-    base = run_stage(validate_recipe(recipe_dict(corpus, max_steps=2, checkpoint_every=0), "base"),
-                     out=tmp_path / "base", quiet=True)
+    base_recipe = recipe_dict(corpus, max_steps=2, checkpoint_every=0)
+    base_recipe["data"]["eval_fraction"] = 0.1
+    base = run_stage(validate_recipe(base_recipe, "base"), out=tmp_path / "base", quiet=True)
     cont = recipe_dict(other, max_steps=2, checkpoint_every=0, eval_max_tokens=1_000_000)
-    cont["model"] = {"path": str(base / "final")}
+    cont["model"] = {"path": str(base / "final")}  # and the default eval_fraction, 0.02: the base's 0.1 wins
     cont["data"]["eval"] = [str(corpus)]
     run = run_stage(validate_recipe(cont, "cont"), out=tmp_path / "cont", quiet=True)
     lineage = json.loads((run / "lineage.json").read_text())
@@ -306,6 +307,7 @@ def test_a_source_an_ancestor_trained_on_stays_held_out(tmp_path, corpus):
     assert old["train_tokens"] > 0 and old["eval_tokens"] < 0.2 * old["train_tokens"]  # its held-out split
     base_split = json.loads((base / "lineage.json").read_text())["data"][0]
     assert old["eval_tokens"] == base_split["eval_tokens"]  # the very text the base was scored on
+    assert base_split["eval_fraction"] == 0.1 and lineage["data"][0]["eval_fraction"] == 0.02
 
     scores = evaluate_model(str(run / "final"), [str(corpus), str(other), "builtin:prose"], seq_len=SEQ,
                             max_tokens=4 * SEQ, log=lambda *a: None)
@@ -314,6 +316,18 @@ def test_a_source_an_ancestor_trained_on_stays_held_out(tmp_path, corpus):
     forced = evaluate_model(str(base / "final"), [str(other)], seq_len=SEQ, split="held-out", log=lambda *a: None)
     assert forced["other"]["split"] == "held-out"
     assert evaluate_model(str(base / "final"), [str(other)], seq_len=SEQ, log=lambda *a: None)["other"]["split"] == "whole"
+
+    # Continuing on the base's own source with a larger held-out share would score text the base trained on.
+    again = recipe_dict(corpus, max_steps=1, checkpoint_every=0)
+    again["model"] = {"path": str(base / "final")}
+    again["data"]["eval_fraction"] = 0.3
+    messages = []
+    from tunelab.stages import setup
+
+    cfg = validate_recipe(again, "again")
+    tok = setup.resolve_tokenizer(cfg, setup.resolve_cache_dir(), log=lambda *a: None)
+    setup.build_data(cfg, tok, setup.resolve_cache_dir(), log=messages.append)
+    assert any("larger than the 0.1 an ancestor held out" in m for m in messages)
 
 
 def test_tunelab_eval_reproduces_training_eval_for_mlm_and_masked_sources(tmp_path, corpus, masked_jsonl):

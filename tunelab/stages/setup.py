@@ -194,11 +194,19 @@ class TrainingData:
 
 def build_data(cfg, tokenizer, cache: Path, log=print) -> TrainingData:
     from tunelab.data import PackedSequences, source_content_hash, tokenize_source, tokenize_sources
-    from tunelab.runs import trained_content_hashes
+    from tunelab.runs import trained_sources
 
     eos = models.eos_id(tokenizer)
     doc_mask = cfg.data.packing == "document"
-    sources = tokenize_sources(cfg.data.train, tokenizer, eos, cache, cfg.data.eval_fraction, log=log)
+    fraction = cfg.data.eval_fraction
+    # Sources the starting model or its ancestors trained on (content hash -> the eval_fraction they held out).
+    seen = trained_sources(cfg.model.path) if cfg.model.path else {}
+    for spec in cfg.data.train:
+        earlier = seen.get(source_content_hash(spec, cache, log=log), fraction)
+        if earlier is not None and earlier < fraction:
+            log(f"warning: {spec.source}: data.eval_fraction={fraction} is larger than the {earlier} an ancestor "
+                f"held out, so part of this run's held-out text was trained on before; set data.eval_fraction<={earlier}")
+    sources = tokenize_sources(cfg.data.train, tokenizer, eos, cache, fraction, log=log)
     sets = []
     for src in sources:
         packed = PackedSequences(src.train, cfg.data.seq_len, eos, doc_mask, loss_mask=src.train_mask)
@@ -209,9 +217,11 @@ def build_data(cfg, tokenizer, cache: Path, log=print) -> TrainingData:
     # Every training source is scored on its own held-out split. An eval-only source is scored whole, unless
     # the starting model or one of its ancestors trained on it: then on its held-out split, so the model is
     # never scored on text it has seen and forgetting is measured on the same text as the ancestor's own eval.
-    seen = trained_content_hashes(cfg.model.path) if cfg.model.path else set()
-    eval_only = [tokenize_source(spec, tokenizer, eos, cache, cfg.data.eval_fraction, log=log,
-                                 split=source_content_hash(spec, cache, log=log) in seen) for spec in cfg.data.eval]
+    eval_only = []
+    for spec in cfg.data.eval:
+        digest = source_content_hash(spec, cache, log=log)
+        eval_only.append(tokenize_source(spec, tokenizer, eos, cache, seen.get(digest) or fraction, log=log,
+                                         split=digest in seen))
     splits = {s.domain: (s.eval, s.eval_mask) for s in sources + eval_only}
     return TrainingData(sets=sets, sources=sources, eval_sources=eval_only, eval_splits=splits)
 
@@ -263,6 +273,9 @@ def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None) -> dict
                 "content_hash": src.content_hash, "cache_key": src.cache_key, "train_tokens": int(len(src.train)),
                 "eval_tokens": int(len(src.eval)), "decode_errors": src.decode_errors}
 
+    def trained(src):  # the held-out fraction is part of what was trained on (see runs.trained_sources)
+        return {**describe(src), "eval_fraction": cfg.data.eval_fraction}
+
     init = {"role": "init", **model_lineage(cfg.model), "weights_sha256_in_memory": base_sha256}
     return {
         "name": cfg.name,
@@ -270,7 +283,7 @@ def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None) -> dict
         "parents": [init],
         "tokenizer": {"source": cfg.tokenizer.path or cfg.model.path or "trained",
                       "fingerprint": models.tokenizer_fingerprint(tokenizer)},
-        "data": [describe(s) for s in data.sources],
+        "data": [trained(s) for s in data.sources],
         "eval_data": [describe(s) for s in data.eval_sources],
         "method": cfg.method.model_dump(),
     }
