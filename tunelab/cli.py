@@ -68,6 +68,7 @@ def eval_(model_dir: str = typer.Argument(..., help="A saved model or adapter di
     trained on: its held-out split; any other source: all of it)."""
     from tunelab.evaluate import evaluate_model
 
+    _no_transformers_bars()
     results = evaluate_model(model_dir, data or DEFAULT_EVAL, seq_len=seq_len, max_tokens=max_tokens, base=base, split=split,
                              log=(lambda *a: None) if (quiet or as_json) else _stderr)
     if as_json:
@@ -77,11 +78,11 @@ def eval_(model_dir: str = typer.Argument(..., help="A saved model or adapter di
     from rich.table import Table
 
     table = Table(title=f"eval: {model_dir}")
-    for col in ("domain", "loss", "ppl", "bits/byte", "tokens"):
-        table.add_column(col, justify="left" if col == "domain" else "right")
+    for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
+        table.add_column(col, justify="left" if col in ("domain", "split") else "right")
     for domain, r in results.items():
-        table.add_row(domain, f"{r['loss']:.4f}", f"{r['ppl']:.2f}", f"{r['bpb']:.4f}" if r["bpb"] else "-",
-                      f"{r['eval_tokens']:,}")
+        table.add_row(domain, r["split"], f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
+                      f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
     Console().print(table)
 
 
@@ -97,6 +98,7 @@ def generate(model_dir: str = typer.Argument(..., help="A saved model or adapter
     """Continue a prompt with a saved model."""
     from tunelab.evaluate import generate_text
 
+    _no_transformers_bars()
     print(generate_text(model_dir, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                         top_k=top_k, seed=seed, base=base))
 
@@ -132,8 +134,16 @@ def export_(source: str = typer.Argument(..., metavar="RUN_OR_ADAPTER",
     """Write a standalone HF model directory (plain AutoModelForCausalLM loads it), with lineage.json."""
     from tunelab.export import export_model
 
+    _no_transformers_bars()
     export_model(source, out, merge=merge, base=base, log=(lambda *a: None) if quiet else _stderr)
     print(out)
+
+
+def _no_transformers_bars() -> None:
+    """transformers 5 draws a "Loading weights" bar on every load, which would land between our lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _stderr(*parts) -> None:
