@@ -201,7 +201,7 @@ def build_data(cfg, tokenizer, cache: Path, log=print) -> TrainingData:
     fraction = cfg.data.eval_fraction
     # Sources the starting model or its ancestors trained on (content hash -> the eval_fraction they held out).
     seen = trained_sources(cfg.model.path) if cfg.model.path else {}
-    for spec in cfg.data.train:
+    for spec in cfg.data.train if seen else []:
         earlier = seen.get(source_content_hash(spec, cache, log=log), fraction)
         if earlier is not None and earlier < fraction:
             log(f"warning: {spec.source}: data.eval_fraction={fraction} is larger than the {earlier} an ancestor "
