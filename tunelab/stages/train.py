@@ -52,6 +52,5 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
         setup.save_final(method, result["model"], tokenizer, run)
     d.barrier()
     distmod.shutdown(d)
-    log(f"done: {run.path} (final {'adapter' if method.weights_to_save(model) is not None else 'model'} "
-        f"in {run.final})")
+    log(f"done: {run.path} (final {'adapter' if models.is_adapter_dir(run.final) else 'model'} in {run.final})")
     return run.path
