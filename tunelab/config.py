@@ -137,9 +137,11 @@ class TrainingRecipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainingRecipe":
-        if self.model.path is None and self.model.preset not in PRESET_NAMES:
+        from tunelab.models import PRESETS  # a table of names and HF config fields: imports no torch
+
+        if self.model.path is None and self.model.preset not in PRESETS:
             raise ValueError(f"model.preset: unknown preset {self.model.preset!r}"
-                             f"{did_you_mean(self.model.preset, PRESET_NAMES)}; known: {', '.join(PRESET_NAMES)}")
+                             f"{did_you_mean(self.model.preset, PRESETS)}; known: {', '.join(PRESETS)}")
         eval_names = [s.domain for s in self.data.eval]
         clash = set(eval_names) & {s.domain for s in self.data.train}
         if clash:  # an eval-only source would silently shadow (or be shadowed by) a training domain
@@ -182,8 +184,6 @@ class FinetuneRecipe(TrainingRecipe):
 # each kind validates its own sections. Later kinds (distill, merge, prune, ...) join it.
 RECIPE_KINDS: dict[str, type[Section]] = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe}
 RecipeConfig = TrainingRecipe  # the type every training recipe has (for annotations)
-# Preset names live here (models.py holds their architectures) so the schema needs no import of models.
-PRESET_NAMES = ("llama-micro", "llama-tiny", "llama-small", "bert-tiny")
 
 
 # ---------------------------------------------------------------- loading and overrides

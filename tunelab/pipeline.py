@@ -26,7 +26,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,7 +54,7 @@ class Stage(BaseModel):
     data: list[str] = Field(default_factory=lambda: ["builtin:prose", "builtin:code", "builtin:tests"])
     seq_len: int = 256
     max_tokens: int | None = None
-    split: str = "auto"  # eval: auto | held-out | whole (see evaluate.evaluate_model)
+    split: Literal["auto", "held-out", "whole"] = "auto"  # eval (see evaluate.evaluate_model)
 
     @model_validator(mode="before")
     @classmethod
@@ -126,7 +126,7 @@ def _stage_dir(root: Path, name: str, key: str) -> Path:
 def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
                  overrides: list[str] | None = None) -> dict[str, Path]:
     """`overrides` (--set) apply to every training stage, after the stage's own `set`."""
-    from tunelab.runs import hash_files
+    from tunelab.runs import weight_files_sha256
     from tunelab.stages import run_stage
     from tunelab.stages.setup import resolve_cache_dir
 
@@ -159,7 +159,7 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
             outside = model_path and not any(str(outputs[r]) == model_path for r in used) and Path(model_path).is_dir()
             key = _key({"recipe": dump_config(cfg), "upstream": upstream,
                         "data": _data_hashes(cfg.data.train + cfg.data.eval, cache, log),
-                        "model": hash_files(sorted(Path(model_path).glob("*.safetensors"))) if outside else None})
+                        "model": weight_files_sha256(Path(model_path)) if outside else None})
         stage_dir = _stage_dir(root, stage.name, key)
         keys[stage.name] = key
         record = stage_dir / "stage.json"

@@ -150,6 +150,12 @@ def hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def weight_files_sha256(model_dir: Path) -> str | None:
+    """sha256 over a saved model directory's weight files (safetensors, else .bin); None if it has none."""
+    weights = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
+    return hash_files(weights) if weights else None
+
+
 def model_lineage(model_cfg) -> dict:
     """Where the starting weights came from: a preset, a run's output, a local dir or a hub id."""
     if model_cfg.path is None:
@@ -157,8 +163,7 @@ def model_lineage(model_cfg) -> dict:
     path = Path(model_cfg.path)
     if not path.exists():
         return {"kind": "hub", "id": model_cfg.path}
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    entry = {"kind": "local", "path": str(path.resolve()), "weights_sha256": hash_files(weights) if weights else None}
+    entry = {"kind": "local", "path": str(path.resolve()), "weights_sha256": weight_files_sha256(path)}
     parent_run = path.resolve().parent
     if (parent_run / "lineage.json").is_file():  # a tunelab run's final/ or checkpoint: link the run
         entry["run"] = str(parent_run)
