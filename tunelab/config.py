@@ -67,6 +67,31 @@ def _as_source_list(value: Any) -> Any:
     return value
 
 
+class ReplayConfig(Section):
+    """Old-domain text mixed into every global batch of a continued run (forgetting's cheapest cure)."""
+    # Empty: the training sources of the starting model's ancestors, read from their lineage.json.
+    sources: list[SourceSpec] = Field(default_factory=list)
+    fraction: float = Field(0.05, gt=0, lt=1)  # share of each global batch's sequences (= tokens)
+
+    _to_list = field_validator("sources", mode="before")(_as_source_list)
+
+
+class MixturePhase(Section):
+    """From `at` (a fraction of train.max_steps) on, these domains get these weights; others keep theirs."""
+    at: float = Field(gt=0, lt=1)
+    weights: dict[str, float]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("name at least one domain and its weight")
+        bad = {k: w for k, w in v.items() if not w >= 0}
+        if bad:
+            raise ValueError(f"weights must be >= 0 (got {bad})")
+        return v
+
+
 class DataConfig(Section):
     train: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(source="builtin:prose")])
     # Extra eval-only domains; each training source's held-out split is always evaluated too.
@@ -77,6 +102,12 @@ class DataConfig(Section):
     packing: Literal["concat", "document"] = "concat"
     eval_fraction: float = Field(0.02, gt=0, lt=0.5)
     cache_dir: str | None = None  # default: $TUNELAB_CACHE or ~/.cache/tunelab
+    replay: ReplayConfig | None = None
+    # Weights that change during training (e.g. upsample the target domain in the last 10%), in order of `at`.
+    mixture_schedule: list[MixturePhase] = Field(default_factory=list)
+    # A continued run also scores the domains its starting model's ancestors trained on (held-out split),
+    # so forgetting is tracked without listing the old data in data.eval.
+    eval_ancestors: bool = True
 
     _to_list = field_validator("train", "eval", mode="before")(_as_source_list)
 
@@ -89,15 +120,24 @@ class DataConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "linear", "cosine", "wsd", "inverse_sqrt"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    name: Literal["constant", "linear", "cosine", "wsd", "inverse_sqrt", "infinite", "multi_wsd", "anneal"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)  # multi_wsd: the re-warmup at the start of every period
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # floor of the decay, as a fraction of lr
-    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd, multi_wsd: share of (each period's) steps spent decaying
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # wsd, multi_wsd, infinite's anneal, anneal
+    # infinite ("Beyond Cosine Decay"): warmup, cosine cooldown to constant_ratio over cooldown_steps, a constant
+    # phase that can go on indefinitely, and (anneal_steps > 0) an anneal to min_lr_ratio in the last steps.
+    cooldown_steps: int = Field(0, ge=0)
+    constant_ratio: float = Field(0.25, gt=0, le=1)
+    anneal_steps: int = Field(0, ge=0)
+    periods: list[int] = Field(default_factory=list)  # multi_wsd: length in steps of each period, summing to max_steps
+    start_ratio: float = Field(1.0, gt=0, le=1)  # anneal: the multiplier it decays from (written by `tunelab anneal`)
 
 
 class TrainConfig(Section):
     objective: Literal["clm", "mlm"] = "clm"
     mlm_probability: float = Field(0.15, gt=0, lt=1)
+    whole_word_masking: bool = False  # mlm: mask every token of a chosen word together
     max_steps: int = Field(100, ge=1)
     micro_batch_size: int = Field(8, ge=1)  # sequences per forward pass, per process
     grad_accum: int = Field(1, ge=1)
@@ -116,6 +156,9 @@ class TrainConfig(Section):
     seed: int = 0
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: only at the end
+    # Evaluate before the first step: the baseline that forgetting and gains are measured from.
+    # Unset: yes when the run starts from a trained model (model.path or init_from), no for a fresh one.
+    eval_at_start: bool | None = None
     eval_max_tokens: int = Field(32768, ge=1)  # per domain, per evaluation during training
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
@@ -129,6 +172,11 @@ class MethodConfig(Section):
 class TrainingRecipe(Section):
     """The sections every training stage shares; each kind below adds its own rules."""
     name: str = "run"
+    # Continue from a tunelab run (its final/, else its newest checkpoint) or one of its checkpoints/step-N:
+    # a new run with those weights, a fresh schedule and a fresh data state (--resume is for the same run).
+    init_from: str | None = None
+    init_optimizer: bool = False  # also carry the optimizer moments (needs a checkpoint with optimizer.pt)
+    init_data_state: bool = False  # also continue its data stream (anneal branches; needs the same data)
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -151,7 +199,65 @@ class TrainingRecipe(Section):
         dupes = sorted({n for n in eval_names if eval_names.count(n) > 1})
         if dupes:
             raise ValueError(f"data.eval: two sources named {dupes[0]!r}: give one a name")
+        if self.init_from is not None and self.model.path is not None:
+            raise ValueError("init_from: set either init_from (a tunelab run or checkpoint) or model.path (a model "
+                             "directory), not both")
+        if (self.init_optimizer or self.init_data_state) and self.init_from is None:
+            raise ValueError("init_from: init_optimizer / init_data_state carry state from a run: set init_from "
+                             "to that run or one of its checkpoints")
+        self._check_data_extras()
+        self._check_schedule()
         return self
+
+    def _check_data_extras(self) -> None:
+        domains = [s.domain for s in self.data.train]
+        replay = self.data.replay
+        if replay is not None:
+            if not replay.sources and self.init_from is None and self.model.path is None:
+                raise ValueError("data.replay.sources: empty means 'the old data of the starting model', but this "
+                                 "run starts from scratch: list the sources to replay")
+            clash = set(domains) & {s.domain for s in replay.sources}
+            if clash:
+                raise ValueError(f"data.replay.sources: {sorted(clash)[0]!r} is also a training source: replay is "
+                                 "for old data; raise its weight in data.train instead")
+        last = 0.0
+        for i, phase in enumerate(self.data.mixture_schedule):
+            if phase.at <= last:
+                raise ValueError(f"data.mixture_schedule.{i}.at: phases must be in increasing order of `at` "
+                                 f"(got {phase.at} after {last})")
+            last = phase.at
+            unknown = [d for d in phase.weights if d not in domains]
+            if unknown:
+                raise ValueError(f"data.mixture_schedule.{i}.weights: {unknown[0]!r} is not a training domain"
+                                 f"{did_you_mean(unknown[0], domains)}; domains: {', '.join(domains)}")
+            weights = {d: s.weight for d, s in zip(domains, self.data.train)} | phase.weights
+            if not any(w > 0 for w in weights.values()):
+                raise ValueError(f"data.mixture_schedule.{i}.weights: at least one domain needs a weight > 0")
+
+    def _check_schedule(self) -> None:
+        """Phases that do not fit in train.max_steps are errors now, not a surprising LR curve later."""
+        s, steps = self.train.schedule, self.train.max_steps
+        where = "train.schedule"
+        if s.name == "multi_wsd":
+            if not s.periods:
+                raise ValueError(f"{where}.periods: multi_wsd needs the length of each period, e.g. [600, 400]")
+            if sum(s.periods) != steps or min(s.periods) < 1:
+                raise ValueError(f"{where}.periods: the periods ({'+'.join(map(str, s.periods))} = {sum(s.periods)} "
+                                 f"steps) must be positive and add up to train.max_steps ({steps})")
+            short = [p for p in s.periods if p <= s.warmup_steps]
+            if short:
+                raise ValueError(f"{where}.warmup_steps: {s.warmup_steps} does not fit in a period of {short[0]} steps")
+            return
+        if s.periods:
+            raise ValueError(f"{where}.periods: only used by name: multi_wsd (this schedule is {s.name!r})")
+        # A warmup longer than the run is allowed (short test runs); an infinite schedule's phases must fit.
+        fixed = s.warmup_steps + s.cooldown_steps + s.anneal_steps
+        if s.name == "infinite" and fixed > steps:
+            raise ValueError(f"{where}: its phases (warmup {s.warmup_steps} + cooldown {s.cooldown_steps} + anneal "
+                             f"{s.anneal_steps} = {fixed} steps) do not fit in train.max_steps ({steps}); shorten "
+                             "them or train longer")
+        if s.name != "infinite" and (s.cooldown_steps or s.anneal_steps):
+            raise ValueError(f"{where}: cooldown_steps/anneal_steps belong to name: infinite (this schedule is {s.name!r})")
 
 
 class PretrainRecipe(TrainingRecipe):
@@ -174,9 +280,9 @@ class FinetuneRecipe(TrainingRecipe):
 
     @model_validator(mode="after")
     def _needs_a_trained_model(self) -> "FinetuneRecipe":
-        if self.model.path is None:
+        if self.model.path is None and self.init_from is None:
             raise ValueError("model.path: a finetune starts from a trained model: set model.path "
-                             "(e.g. runs/quickstart/final, or --set model.path=DIR)")
+                             "(e.g. runs/quickstart/final, or --set model.path=DIR) or init_from (a run)")
         return self
 
 

@@ -1,7 +1,7 @@
 """Atomic checkpoints and exact resume.
 
 `checkpoints/step-N/` holds everything needed to continue the very same run:
-    model.safetensors   all model weights, or
+    model.safetensors   all model weights (+ config.json and the tokenizer: a plain HF model dir), or
     adapter.safetensors only the method's own tensors (an adapter: Method.weights_to_save), with
                         the base weights' sha256 in state.json, checked on resume
     method.safetensors  the method's tensor state (masks, index sets), when it has any
@@ -68,8 +68,12 @@ def set_rng_state(tensors: dict, plain: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, method, state: dict, config_yaml: str,
-                    rng: list, keep: int, base_sha256: str | None = None) -> Path:
-    """Write step-N atomically. `rng` holds every process's rng_state() (rank order)."""
+                    rng: list, keep: int, base_sha256: str | None = None, tokenizer=None) -> Path:
+    """Write step-N atomically. `rng` holds every process's rng_state() (rank order).
+
+    A full-weights checkpoint also gets the model's config.json (and the tokenizer, when given), so
+    it is a plain HF model directory: `tunelab eval`, `init_from`, averaging and transformers load it.
+    """
     from safetensors.torch import save_file, save_model
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -83,6 +87,9 @@ def save_checkpoint(ckpt_root: Path, step: int, *, model, optimizer, method, sta
         if adapter is None:
             # save_model handles tied weights (embeddings shared with the LM head) that save_file rejects.
             save_model(model, str(tmp / "model.safetensors"))
+            model.config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         else:
             save_file({k: v.detach().contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
             state = {**state, "base_weights_sha256": base_sha256}

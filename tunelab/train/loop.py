@@ -79,7 +79,7 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
                                                             for k, a in aux.items()}}
             ckpt.save_checkpoint(run.checkpoints, at_step, model=model, optimizer=optimizer, method=method,
                                  state=state, config_yaml=config_yaml, rng=rng, keep=tc.keep_checkpoints,
-                                 base_sha256=ctx.base_sha256)
+                                 base_sha256=ctx.base_sha256, tokenizer=ctx.tokenizer)
         d.barrier()
 
     def run_eval(at_step: int) -> dict:
