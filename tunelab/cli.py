@@ -139,6 +139,57 @@ def export_(source: str = typer.Argument(..., metavar="RUN_OR_ADAPTER",
     print(out)
 
 
+@app.command()
+def compare(runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories (runs/NAME; a shell glob works)."),
+            base: Optional[Path] = typer.Option(None, "--base", help="Measure deltas from this run's final evals "
+                                                "instead of each run's own step-0 evals."),
+            metric: str = typer.Option("loss", "--metric", help="loss | bpb"),
+            as_json: bool = typer.Option(False, "--json", help="Print the table as JSON.")):
+    """Forgetting table: each run's final eval per domain and its change since step 0 (or against --base);
+    a rise on a reference domain is forgetting, a fall on a target domain is gain."""
+    from tunelab.compare import forgetting_table, render_table
+
+    table = forgetting_table(runs, base=base, metric=metric)
+    if as_json:
+        print(json.dumps(table, indent=2))
+    else:
+        render_table(table)
+
+
+@app.command()
+def average(run: Path = typer.Argument(..., help="A run directory with checkpoints/ (full weights, not adapters)."),
+            out: Path = typer.Option(..., "--out", help="New directory to write (must not exist, or be empty)."),
+            last: Optional[int] = typer.Option(None, "--last", min=1, help="Average the last K intact checkpoints "
+                                               "(default 3)."),
+            steps: Optional[str] = typer.Option(None, "--steps", help="Average these checkpoint steps, e.g. 200,300,400."),
+            quiet: bool = typer.Option(False, "--quiet")):
+    """Uniform average of a run's last checkpoints (LAWA), written as a plain HF model directory with lineage.json."""
+    from tunelab.ops.average import average_checkpoints, parse_steps
+
+    average_checkpoints(run, out, last=last, steps=parse_steps(steps) if steps is not None else None,
+                        log=(lambda *a: None) if quiet else _stderr)
+    print(out)
+
+
+@app.command()
+def anneal(run: Path = typer.Argument(..., help="The run to branch from (its checkpoints/ hold the branch point)."),
+           from_: str = typer.Option(..., "--from", help="Checkpoint to branch from: step-N, N, or a path."),
+           steps: int = typer.Option(..., "--steps", help="Length of the decay, in steps."),
+           shape: Optional[str] = typer.Option(None, "--shape", help="linear | cosine | sqrt (default: the run's "
+                                               "train.schedule.decay_shape)."),
+           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+           out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: RUN-anneal-N beside RUN)."),
+           resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+           quiet: bool = typer.Option(False, "--quiet")):
+    """Branch a short LR decay off a stable-phase checkpoint into a release model; the main run is untouched.
+
+    The branch continues the run's optimizer and data stream and decays from the LR the run had at
+    that step to its min_lr_ratio."""
+    from tunelab.anneal import run_anneal
+
+    run_anneal(run, from_, steps, shape=shape, out=out, overrides=set_, resume=resume, quiet=quiet)
+
+
 def _no_transformers_bars() -> None:
     """transformers 5 draws a "Loading weights" bar on every load, which would land between our lines."""
     from transformers.utils import logging as hf_logging

@@ -156,17 +156,20 @@ def weight_files_sha256(model_dir: Path) -> str | None:
     return hash_files(weights) if weights else None
 
 
-def model_lineage(model_cfg) -> dict:
-    """Where the starting weights came from: a preset, a run's output, a local dir or a hub id."""
-    if model_cfg.path is None:
+def model_lineage(model_cfg, path: str | Path | None = None) -> dict:
+    """Where the starting weights came from: a preset, a run's output (final/ or a checkpoint), a local
+    dir or a hub id. `path`: the resolved starting directory (init_from), default model.path."""
+    path = path if path is not None else model_cfg.path
+    if path is None:
         return {"kind": "preset", "preset": model_cfg.preset, "overrides": model_cfg.overrides}
-    path = Path(model_cfg.path)
-    if not path.exists():
-        return {"kind": "hub", "id": model_cfg.path}
-    entry = {"kind": "local", "path": str(path.resolve()), "weights_sha256": weight_files_sha256(path)}
-    parent_run = path.resolve().parent
-    if (parent_run / "lineage.json").is_file():  # a tunelab run's final/ or checkpoint: link the run
-        entry["run"] = str(parent_run)
+    if not Path(path).exists():
+        return {"kind": "hub", "id": str(path)}
+    path = Path(path).resolve()
+    entry = {"kind": "local", "path": str(path), "weights_sha256": weight_files_sha256(path)}
+    for parent_run in (path.parent, path.parent.parent):  # a tunelab run's final/ or checkpoints/step-N
+        if (parent_run / "lineage.json").is_file():
+            entry["run"] = str(parent_run)
+            break
     return entry
 
 
@@ -181,19 +184,14 @@ def _lineage_files(model_dir: Path) -> list[Path]:
     return found
 
 
-def trained_sources(model_dir: str | Path, max_depth: int = 32) -> dict[str, float | None]:
-    """Every data source the model, or any model it descends from, was trained on: content hash ->
-    the smallest eval_fraction any of them held out (None when not recorded).
+def _ancestor_records(model_dir: str | Path, max_depth: int = 32):
+    """lineage.json records of the model and every model it descends from, nearest first.
 
-    Walks lineage.json files up the chain of parents (runs, exports, adapters' bases). Scoring a
-    model on such a source uses that held-out split: text none of them trained on, and the very text
-    the ancestor itself was scored on (the hash rule holds out a subset for a smaller fraction).
-    """
+    Walks the chain of parents (runs, exports, adapters' bases, checkpoints)."""
     seen_dirs: set[str] = set()
-    found: dict[str, float | None] = {}
     todo = [Path(model_dir).expanduser()]
     while todo and len(seen_dirs) < max_depth:
-        here = todo.pop()
+        here = todo.pop(0)
         key = str(here.resolve()) if here.exists() else str(here)
         if key in seen_dirs:
             continue
@@ -203,10 +201,34 @@ def trained_sources(model_dir: str | Path, max_depth: int = 32) -> dict[str, flo
                 record = json.loads(file.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            for d in record.get("data", []):
-                if d.get("content_hash"):
-                    fractions = [f for f in (found.get(d["content_hash"]), d.get("eval_fraction")) if f is not None]
-                    found[d["content_hash"]] = min(fractions) if fractions else None
+            yield record
             parents = record.get("parents") or ([record["parent"]] if record.get("parent") else [])
             todo += [Path(p["path"]) for p in parents if isinstance(p, dict) and p.get("path")]
+
+
+def trained_sources(model_dir: str | Path, max_depth: int = 32) -> dict[str, float | None]:
+    """Every data source the model, or any model it descends from, was trained on: content hash ->
+    the smallest eval_fraction any of them held out (None when not recorded).
+
+    Scoring a model on such a source uses that held-out split: text none of them trained on, and the
+    very text the ancestor itself was scored on (the hash rule holds out a subset for a smaller fraction).
+    """
+    found: dict[str, float | None] = {}
+    for record in _ancestor_records(model_dir, max_depth):
+        for d in record.get("data", []):
+            if d.get("content_hash"):
+                fractions = [f for f in (found.get(d["content_hash"]), d.get("eval_fraction")) if f is not None]
+                found[d["content_hash"]] = min(fractions) if fractions else None
     return found
+
+
+def ancestor_data(model_dir: str | Path, max_depth: int = 32) -> list[dict]:
+    """The lineage `data` entries (source, domain, content hash, spec) of every source the model and its
+    ancestors trained on, nearest ancestor first, each content hash once."""
+    out, hashes = [], set()
+    for record in _ancestor_records(model_dir, max_depth):
+        for d in record.get("data", []):
+            if d.get("content_hash") and d["content_hash"] not in hashes and d.get("source"):
+                hashes.add(d["content_hash"])
+                out.append(d)
+    return out

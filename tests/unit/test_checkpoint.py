@@ -21,7 +21,7 @@ from tunelab.train import checkpoint as ckpt
 REPO = Path(__file__).resolve().parents[2]
 # What a full-model checkpoint holds (a method with tensor state adds method.safetensors; an adapter
 # method writes adapter.safetensors instead of model.safetensors; a zeroth-order one has no optimizer.pt).
-FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.yaml")
+FILES = ("model.safetensors", "config.json", "optimizer.pt", "rng.pt", "state.json", "config.yaml")
 FULL = create_method("full", {})
 _WORDS = "the model data token train loss step layer weight value cache file text domain batch".split()
 

@@ -30,6 +30,12 @@ from tunelab.stages import run_stage
 # ---------------------------------------------------------------- test-only methods
 
 
+def checkpoint_files(ckpt) -> list[str]:
+    """A checkpoint's own files, without the HF config/tokenizer files that make it a loadable model dir."""
+    hf = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+    return sorted(p.name for p in ckpt.iterdir() if p.name not in hf)
+
+
 def layer_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
@@ -310,8 +316,8 @@ def test_aux_teacher_stays_out_of_optimizer_and_checkpoints_and_is_checked_on_re
     n_student_params = len(list(teacher.parameters()))  # tied embedding / LM head counted once
 
     ckpt = run / "checkpoints" / "step-6"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "manifest.json", "model.safetensors",
-                                                      "optimizer.pt", "rng.pt", "state.json"]
+    assert checkpoint_files(ckpt) == ["config.yaml", "manifest.json", "model.safetensors", "optimizer.pt", "rng.pt",
+                                      "state.json"]
     saved = weights(ckpt)
     assert set(saved) <= student_names and not any("teacher" in k for k in saved)
     opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
@@ -381,7 +387,7 @@ def test_tensor_state_is_checkpointed_and_restored_bit_exactly(tmp_path, corpus)
 def test_zeroth_order_method_checkpoints_without_optimizer_and_resumes_exactly(tmp_path, corpus):
     run = run_stage(recipe(corpus, "test-mezo", lr=1e-3), out=tmp_path / "run", quiet=True)
     for ckpt in ("step-4", "step-8"):
-        names = sorted(p.name for p in (run / "checkpoints" / ckpt).iterdir())
+        names = checkpoint_files(run / "checkpoints" / ckpt)
         assert names == ["config.yaml", "manifest.json", "model.safetensors", "rng.pt", "state.json"], names
     losses = train_losses(run / "metrics.jsonl")
     assert sorted(losses) == list(range(1, 9)) and all(v == v and v > 0 for v in losses.values())

@@ -7,6 +7,10 @@ drift, even over short spans. Within a source, sequences are visited in a seeded
 epoch, `np.random.default_rng([seed, s, epoch])`, a new one each time the source is used up.
 The order is a pure function of (sizes, weights, seed, drawn counts), so loading `state_dict()`
 saved after k draws continues with exactly the pairs an uninterrupted run would have drawn.
+
+`set_weights` starts a new phase (a mixture schedule): from then on the shares are counted from
+the draws made since the switch, so the new proportions hold exactly from the switch on instead
+of first paying back the old phase's deficits. Weights, phase start and counts are the state.
 """
 
 from __future__ import annotations
@@ -28,13 +32,23 @@ class Mixture:
         self.total_weight = sum(self.weights)
         self.seed = int(seed) % 2**64  # SeedSequence wants non-negative entropy
         self.drawn = [0] * len(sizes)
+        self.phase_start = [0] * len(sizes)  # drawn counts when the current weights took effect
         self._perms: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
 
     def _next_source(self) -> int:
         # Deficits scaled by sum(w): no division, so integer weights compare exactly (clean ties).
-        n = sum(self.drawn) + 1
-        deficits = [w * n - d * self.total_weight for w, d in zip(self.weights, self.drawn)]
+        since = [d - s for d, s in zip(self.drawn, self.phase_start)]
+        n = sum(since) + 1
+        deficits = [w * n - d * self.total_weight for w, d in zip(self.weights, since)]
         return deficits.index(max(deficits))  # index() finds the first: ties go to the lowest index
+
+    def set_weights(self, weights: list[float]) -> None:
+        """New weights from the next draw on (a weight of 0 drops a source until a later phase)."""
+        if len(weights) != len(self.sizes) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"need one weight >= 0 per source, at least one positive (got {weights})")
+        self.weights = [float(w) for w in weights]
+        self.total_weight = sum(self.weights)
+        self.phase_start = list(self.drawn)
 
     def _permutation(self, source: int, epoch: int) -> np.ndarray:
         cached = self._perms.get(source)
@@ -54,7 +68,8 @@ class Mixture:
         return pairs
 
     def state_dict(self) -> dict:
-        return {"drawn": list(self.drawn), "sizes": list(self.sizes)}
+        return {"drawn": list(self.drawn), "sizes": list(self.sizes), "weights": list(self.weights),
+                "phase_start": list(self.phase_start)}
 
     def load_state_dict(self, state: dict) -> None:
         sizes = state.get("sizes", self.sizes)
@@ -62,3 +77,7 @@ class Mixture:
             raise RunDirError(f"the checkpoint's data has {list(sizes)} sequences per source but this recipe's "
                               f"data has {self.sizes}: resume with the same data sources and data.seq_len")
         self.drawn = [int(d) for d in state["drawn"]]
+        if "weights" in state:  # checkpoints before mixture schedules had neither: one phase from step 0
+            self.weights = [float(w) for w in state["weights"]]
+            self.total_weight = sum(self.weights)
+            self.phase_start = [int(d) for d in state["phase_start"]]

@@ -8,6 +8,7 @@ A training stage (stages/train.py) is these steps in order plus the loop; a late
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -58,6 +59,72 @@ def resolve_cache_dir(explicit: str | None = None) -> Path:
 
 
 @dataclass
+class Init:
+    """What a run starts from. `model_dir`: the weights (None: a fresh preset). `checkpoint`: the checkpoint
+    whose optimizer / data state `init_optimizer` / `init_data_state` carry over. `run`: the run they belong to."""
+    model_dir: Path | None = None
+    checkpoint: Path | None = None
+    run: Path | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.model_dir is not None
+
+
+def resolve_init(cfg) -> Init:
+    """model.path (a model directory) or init_from (a tunelab run, or one of its checkpoints/step-N)."""
+    from tunelab.errors import ConfigError
+    from tunelab.train import checkpoint as ckpt
+
+    if cfg.init_from is None:
+        return Init(model_dir=Path(cfg.model.path) if cfg.model.path else None)
+    where = Path(cfg.init_from).expanduser()
+    if not where.exists():
+        raise ConfigError(f"init_from: {where} does not exist: give a tunelab run directory or one of its "
+                          "checkpoints/step-N (for a plain model directory use model.path)")
+    if (where / "state.json").is_file():  # a checkpoint
+        problem = ckpt.verify(where)
+        if problem:
+            raise RunDirError(f"init_from: {where} is not an intact checkpoint ({problem}): pick another step")
+        checkpoint, run, model_dir = where, where.parent.parent, where
+    elif (where / "config.yaml").is_file():  # a run: its final model, optimizer/data state from its newest checkpoint
+        checkpoint, run = ckpt.latest_intact(where / "checkpoints", log=lambda *a: None), where
+        model_dir = where / "final" if (where / "final").is_dir() else checkpoint
+        if model_dir is None:
+            raise RunDirError(f"init_from: {where} has neither final/ nor an intact checkpoint: finish it "
+                              "(tunelab pretrain ... --resume) or point at a checkpoint")
+    else:
+        raise ConfigError(f"init_from: {where} is not a tunelab run (no config.yaml) or checkpoint (no state.json); "
+                          "for a plain model directory use model.path")
+    if checkpoint is not None and model_dir == checkpoint and (checkpoint / "adapter.safetensors").is_file():
+        raise ConfigError(f"init_from: {checkpoint} holds an adapter (no full weights): start from the run's final/ "
+                          f"with model.path, or merge it first (tunelab export {run} --merge --out DIR)")
+    if checkpoint is not None and model_dir == checkpoint and not (checkpoint / "config.json").is_file():
+        raise ConfigError(f"init_from: {checkpoint} was written before checkpoints held config.json: start from "
+                          f"{run / 'final'} with model.path")
+    if (cfg.init_optimizer or cfg.init_data_state) and checkpoint is None:
+        raise RunDirError(f"init_from: {where} has no intact checkpoint to carry the optimizer/data state from: "
+                          "set init_optimizer/init_data_state to false")
+    if cfg.init_optimizer and not (checkpoint / "optimizer.pt").is_file():
+        raise RunDirError(f"init_optimizer: {checkpoint} has no optimizer.pt (its method has no optimizer): set "
+                          "init_optimizer: false")
+    return Init(model_dir=model_dir, checkpoint=checkpoint, run=run)
+
+
+def describe_init(cfg, init: Init) -> dict:
+    """What a new run carries over from the one it continues, and what starts afresh (logged and printed)."""
+    if not init.trained:
+        return {"from": None, "carried": [], "reset": ["weights (a fresh preset)"]}
+    carried, reset = ["weights"], ["step counter", "LR schedule (its own warmup/decay from step 0)"]
+    (carried if cfg.init_optimizer else reset).append("optimizer moments")
+    (carried if cfg.init_data_state else reset).append("data position")
+    step = json.loads((init.checkpoint / "state.json").read_text()).get("step") if init.checkpoint else None
+    return {"from": str(init.model_dir), "run": str(init.run) if init.run else None,
+            "checkpoint": str(init.checkpoint) if init.checkpoint else None, "checkpoint_step": step,
+            "carried": carried, "reset": reset}
+
+
+@dataclass
 class Stage:
     """A training stage's processes and run directory, opened before any heavy work."""
     cfg: object
@@ -68,6 +135,7 @@ class Stage:
     resume_from: Path | None
     resuming: bool
     precision_reason: str = ""
+    init: Init = field(default_factory=Init)
 
     def rank0_first(self, work: Callable):
         """Rank 0 does `work` (training a tokenizer, filling the token cache); the others then
@@ -84,8 +152,11 @@ def open_stage(cfg, out: Path | None, resume: bool, quiet: bool) -> Stage:
     from tunelab.train import checkpoint as ckpt
     from tunelab.train.precision import resolve_precision
 
-    if cfg.model.path is None:  # a mistyped preset override fails now, not after the tokenizer is trained
+    init = resolve_init(cfg)
+    if not init.trained:  # a mistyped preset override fails now, not after the tokenizer is trained
         models.check_preset(cfg.model.preset, cfg.model.overrides)
+    if cfg.train.eval_at_start is None:  # resolved before the resume check: config.yaml holds the answer
+        cfg.train.eval_at_start = init.trained
     d = distmod.init()
     log = (lambda *a: None) if (quiet or not d.main) else print
     if quiet or not d.main:
@@ -109,7 +180,7 @@ def open_stage(cfg, out: Path | None, resume: bool, quiet: bool) -> Stage:
             run.log({"event": "resume", "step": 0, "checkpoint": None})
     log(f"precision: {cfg.train.precision} ({reason})")
     return Stage(cfg=cfg, d=d, run=run, log=log, cache=resolve_cache_dir(cfg.data.cache_dir),
-                 resume_from=resume_from, resuming=saved is not None, precision_reason=reason)
+                 resume_from=resume_from, resuming=saved is not None, precision_reason=reason, init=init)
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -144,14 +215,15 @@ def check_resume_config(run: RunDir, saved: dict, cfg, log) -> None:
 # ---------------------------------------------------------------- tokenizer and model
 
 
-def resolve_tokenizer(cfg, cache: Path, log=print):
+def resolve_tokenizer(cfg, cache: Path, log=print, init: Init | None = None):
     """Load the named tokenizer, the model's own, or train a byte-level BPE on the recipe's data (cached)."""
     from tunelab.data import source_content_hash, tokenizer_training_texts
 
+    init = init or resolve_init(cfg)
     if cfg.tokenizer.path:
         return models.load_tokenizer(cfg.tokenizer.path)
-    if cfg.model.path:
-        return models.load_tokenizer(cfg.model.path, "model.path")
+    if init.trained:
+        return models.load_tokenizer(str(init.model_dir), "init_from" if cfg.init_from else "model.path")
     tc = cfg.tokenizer
     key = hashlib.sha256(repr(([source_content_hash(s, cache, log=log) for s in cfg.data.train],
                                tc.vocab_size, tc.min_frequency, tc.train_bytes, 1)).encode()).hexdigest()[:24]
@@ -170,11 +242,14 @@ def resolve_tokenizer(cfg, cache: Path, log=print):
     return models.load_tokenizer(str(where))
 
 
-def initial_model(cfg, tokenizer):
-    """The model training starts from: a saved model (model.path) or a fresh preset, checked against
-    the tokenizer, the sequence length and the objective."""
+def initial_model(cfg, tokenizer, init: Init | None = None):
+    """The model training starts from: a saved model (model.path / init_from) or a fresh preset, checked
+    against the tokenizer, the sequence length and the objective."""
+    init = init or resolve_init(cfg)
+    field_name = "init_from" if cfg.init_from else "model.path"
     # merge=True: training continues from an adapter's merged weights, never through a peft wrapper.
-    model = (models.load_model(cfg.model.path, cfg.model.attn_implementation, merge=True) if cfg.model.path else
+    model = (models.load_model(str(init.model_dir), cfg.model.attn_implementation, field_name, merge=True)
+             if init.trained else
              models.build_model(cfg.model.preset, tokenizer, cfg.model.overrides, cfg.model.attn_implementation))
     models.check_pair(model, tokenizer, cfg.data.seq_len)
     models.check_objective(model, cfg.train.objective)
@@ -186,44 +261,117 @@ def initial_model(cfg, tokenizer):
 
 @dataclass
 class TrainingData:
-    sets: list  # PackedSequences, one per training source
+    sets: list  # PackedSequences, one per training source, then one per replay source
     sources: list  # TokenizedSource of each training source
     eval_sources: list  # eval-only sources (scored whole, or held-out when an ancestor trained on them)
     eval_splits: dict = field(default_factory=dict)  # domain -> (tokens, loss mask or None)
+    replay_sources: list = field(default_factory=list)  # TokenizedSource of each replay source
+    # domain -> "target" (trained on now) or "reference" (old data: replay, data.eval, ancestors' domains)
+    roles: dict = field(default_factory=dict)
+    fractions: dict = field(default_factory=dict)  # domain -> eval_fraction held out, where not data.eval_fraction
 
 
-def build_data(cfg, tokenizer, cache: Path, log=print) -> TrainingData:
+def ancestor_specs(model_dir: Path | None, log=print) -> list:
+    """The sources the starting model's ancestors trained on, as SourceSpecs (from their lineage.json),
+    newest ancestor first; sources that no longer exist on this machine are skipped with a message."""
+    from tunelab.config import SourceSpec
+    from tunelab.runs import ancestor_data
+
+    specs = []
+    for entry in ancestor_data(model_dir) if model_dir is not None else []:
+        spec = SourceSpec(**entry["spec"]) if isinstance(entry.get("spec"), dict) else SourceSpec(source=entry["source"])
+        if spec.source.startswith("builtin:") or Path(spec.source.removeprefix("hf:")).exists():
+            specs.append(spec)
+        else:
+            log(f"note: {spec.source} (trained on by an ancestor) is not on this machine: not tracked")
+    return specs
+
+
+def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None) -> TrainingData:
     from tunelab.data import PackedSequences, source_content_hash, tokenize_source, tokenize_sources
     from tunelab.runs import trained_sources
 
+    init = init or resolve_init(cfg)
     eos = models.eos_id(tokenizer)
     doc_mask = cfg.data.packing == "document"
     fraction = cfg.data.eval_fraction
     # Sources the starting model or its ancestors trained on (content hash -> the eval_fraction they held out).
-    seen = trained_sources(cfg.model.path) if cfg.model.path else {}
+    seen = trained_sources(init.model_dir) if init.trained else {}
     for spec in cfg.data.train if seen else []:
         earlier = seen.get(source_content_hash(spec, cache, log=log), fraction)
         if earlier is not None and earlier < fraction:
             log(f"warning: {spec.source}: data.eval_fraction={fraction} is larger than the {earlier} an ancestor "
                 f"held out, so part of this run's held-out text was trained on before; set data.eval_fraction<={earlier}")
     sources = tokenize_sources(cfg.data.train, tokenizer, eos, cache, fraction, log=log)
+    fractions: dict = {}
+
+    def old_data(spec, split: bool = False):
+        """An old-data source: held out exactly as its ancestor held it out, so replay never trains on the
+        text forgetting is measured on, and the step-0 score is the ancestor's own eval text. An eval-only
+        source nobody trained on is scored whole (split=False); replay always splits."""
+        digest = source_content_hash(spec, cache, log=log)
+        src = tokenize_source(spec, tokenizer, eos, cache, seen.get(digest) or fraction, log=log,
+                              split=split or digest in seen)
+        fractions[src.domain] = seen.get(digest) or fraction
+        return src
+
+    replay = []
+    if cfg.data.replay is not None:
+        specs = cfg.data.replay.sources
+        if not specs:
+            taken = {s.domain for s in cfg.data.train} | {s.content_hash for s in sources}
+            specs = [s for s in ancestor_specs(init.model_dir, log) if s.domain not in taken
+                     and source_content_hash(s, cache, log=log) not in taken]
+            if not specs:
+                raise DataError(f"data.replay.sources: the starting model ({init.model_dir}) records no old data to "
+                                "replay (no lineage.json with data, or only this run's own sources): list the sources")
+            log("replaying the starting model's old data: " + ", ".join(s.source for s in specs))
+        replay = [old_data(spec, split=True) for spec in specs]
     sets = []
-    for src in sources:
+    for src in sources + replay:
         packed = PackedSequences(src.train, cfg.data.seq_len, eos, doc_mask, loss_mask=src.train_mask)
         if len(packed) == 0:
-            raise DataError(f"{src.spec.source}: only {len(src.train)} training tokens, fewer than one sequence "
+            what = "replay" if src in replay else "training"
+            raise DataError(f"{src.spec.source}: only {len(src.train)} {what} tokens, fewer than one sequence "
                             f"(data.seq_len={cfg.data.seq_len}): add text or lower data.seq_len")
         sets.append(packed)
     # Every training source is scored on its own held-out split. An eval-only source is scored whole, unless
     # the starting model or one of its ancestors trained on it: then on its held-out split, so the model is
     # never scored on text it has seen and forgetting is measured on the same text as the ancestor's own eval.
-    eval_only = []
-    for spec in cfg.data.eval:
-        digest = source_content_hash(spec, cache, log=log)
-        eval_only.append(tokenize_source(spec, tokenizer, eos, cache, seen.get(digest) or fraction, log=log,
-                                         split=digest in seen))
-    splits = {s.domain: (s.eval, s.eval_mask) for s in sources + eval_only}
-    return TrainingData(sets=sets, sources=sources, eval_sources=eval_only, eval_splits=splits)
+    eval_only = [old_data(spec) for spec in cfg.data.eval]
+    if cfg.data.eval_ancestors:
+        known = {s.domain for s in sources + replay + eval_only}
+        hashes = {s.content_hash for s in sources + replay + eval_only}
+        for spec in ancestor_specs(init.model_dir, log=lambda *a: None):
+            if spec.domain not in known and source_content_hash(spec, cache, log=log) not in hashes:
+                eval_only.append(old_data(spec))
+                known.add(spec.domain)
+    splits = {s.domain: (s.eval, s.eval_mask) for s in sources + replay + eval_only}
+    roles = {s.domain: "target" for s in sources} | {s.domain: "reference" for s in replay + eval_only}
+    return TrainingData(sets=sets, sources=sources, eval_sources=eval_only, eval_splits=splits,
+                        replay_sources=replay, roles=roles, fractions=fractions)
+
+
+def mixture_plan(cfg, data: TrainingData) -> tuple[list[float], list[tuple[int, list[float]]]]:
+    """Weights of every set (training sources, then replay sources) at step 0, and the phase switches.
+
+    Replay takes `data.replay.fraction` of every global batch whatever the phase; the training sources
+    share the rest in proportion to their weights (data.train, changed by data.mixture_schedule).
+    """
+    train_weights = {s.domain: s.weight for s in cfg.data.train}
+    replay_weights = [s.spec.weight for s in data.replay_sources]
+    f = cfg.data.replay.fraction if data.replay_sources else 0.0
+
+    def combined(weights: dict) -> list[float]:
+        total = sum(weights.values())
+        ours = [(1 - f) * w / total for w in weights.values()]
+        return ours + [f * w / sum(replay_weights) for w in replay_weights]
+
+    phases = []
+    for phase in cfg.data.mixture_schedule:
+        train_weights = train_weights | phase.weights
+        phases.append((round(phase.at * cfg.train.max_steps), combined(train_weights)))
+    return combined({s.domain: s.weight for s in cfg.data.train}), phases
 
 
 def packed_batches(cfg, data: TrainingData, tokenizer, d):
@@ -235,8 +383,10 @@ def packed_batches(cfg, data: TrainingData, tokenizer, d):
     if tc.objective == "mlm" and mask_id is None:
         raise DataError("train.objective=mlm needs a tokenizer with a mask token: train one (unset tokenizer.path) "
                         "or use a BERT-style tokenizer")
-    mixture = Mixture([len(s) for s in data.sets], [s.weight for s in cfg.data.train], tc.seed)
+    weights, phases = mixture_plan(cfg, data)
+    mixture = Mixture([len(s) for s in data.sets], weights, tc.seed)
     return PackedBatches(sets=data.sets, mixture=mixture, objective=tc.objective, micro=tc.micro_batch_size,
+                         domains=[s.domain for s in data.sources + data.replay_sources], phases=phases,
                          accum=tc.grad_accum, rank=d.rank, world=d.world, seed=tc.seed, mask_id=mask_id,
                          vocab_size=len(tokenizer), special_ids=list(tokenizer.all_special_ids),
                          mlm_probability=tc.mlm_probability)
@@ -266,24 +416,29 @@ def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
 # ---------------------------------------------------------------- records and the final save
 
 
-def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None) -> dict:
+def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None, init: Init | None = None) -> dict:
     """Where the run came from: its parents (each with a role and a hash), tokenizer, data, method."""
+    init = init or resolve_init(cfg)
+
     def describe(src):
         return {"source": src.spec.source, "domain": src.domain, "weight": src.spec.weight,
                 "content_hash": src.content_hash, "cache_key": src.cache_key, "train_tokens": int(len(src.train)),
-                "eval_tokens": int(len(src.eval)), "decode_errors": src.decode_errors}
+                "eval_tokens": int(len(src.eval)), "decode_errors": src.decode_errors,
+                "spec": src.spec.model_dump(exclude_defaults=True)}
 
-    def trained(src):  # the held-out fraction is part of what was trained on (see runs.trained_sources)
-        return {**describe(src), "eval_fraction": cfg.data.eval_fraction}
+    def trained(src, role):  # the held-out fraction is part of what was trained on (see runs.trained_sources)
+        return {**describe(src), "role": role, "eval_fraction": data.fractions.get(src.domain, cfg.data.eval_fraction)}
 
-    init = {"role": "init", **model_lineage(cfg.model), "weights_sha256_in_memory": base_sha256}
+    parent = {"role": "init", **model_lineage(cfg.model, init.model_dir), "weights_sha256_in_memory": base_sha256}
+    if init.checkpoint is not None:  # init_from: the state carried over came from this checkpoint
+        parent.update(describe_init(cfg, init))
     return {
         "name": cfg.name,
         "stage": cfg.kind,
-        "parents": [init],
-        "tokenizer": {"source": cfg.tokenizer.path or cfg.model.path or "trained",
+        "parents": [parent],
+        "tokenizer": {"source": cfg.tokenizer.path or (str(init.model_dir) if init.trained else "trained"),
                       "fingerprint": models.tokenizer_fingerprint(tokenizer)},
-        "data": [trained(s) for s in data.sources],
+        "data": [trained(s, "train") for s in data.sources] + [trained(s, "replay") for s in data.replay_sources],
         "eval_data": [describe(s) for s in data.eval_sources],
         "method": cfg.method.model_dump(),
     }

@@ -21,14 +21,16 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     from tunelab.train import dist as distmod
     from tunelab.train.loop import train
     from tunelab.train.progress import ProgressBar
+    from tunelab.train.schedules import describe as describe_schedule
 
     method = create_method(cfg.method.name, cfg.method.options)
     stage = setup.open_stage(cfg, out, resume, quiet)
     d, run, log = stage.d, stage.run, stage.log
     setup.seed_everything(cfg.train.seed)  # the same initial weights on every process
-    tokenizer = stage.rank0_first(lambda: setup.resolve_tokenizer(cfg, stage.cache, log))
-    model = setup.initial_model(cfg, tokenizer)
-    data = stage.rank0_first(lambda: setup.build_data(cfg, tokenizer, stage.cache, log))
+    init = stage.init
+    tokenizer = stage.rank0_first(lambda: setup.resolve_tokenizer(cfg, stage.cache, log, init))
+    model = setup.initial_model(cfg, tokenizer, init)
+    data = stage.rank0_first(lambda: setup.build_data(cfg, tokenizer, stage.cache, log, init))
 
     ctx = MethodContext(device=d.device, dist=d, recipe=cfg, tokenizer=tokenizer, max_steps=cfg.train.max_steps,
                         seed=cfg.train.seed, run_path=run.path, log=log, base_sha256=models.weights_sha256(model))
@@ -37,15 +39,29 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
         aux.module.to(d.device).eval().requires_grad_(False)
     setup.seed_everything(setup.rank_seed(cfg.train.seed, d.rank))  # dropout streams differ per process
     batches = method.batch_source(setup.packed_batches(cfg, data, tokenizer, d), ctx)
-    setup.write_records(stage, cfg, setup.lineage(cfg, tokenizer, data, ctx.base_sha256))
+    setup.write_records(stage, cfg, setup.lineage(cfg, tokenizer, data, ctx.base_sha256, init))
+    if init.trained and not stage.resuming:  # say what a continued run carries over and what starts afresh
+        carried = setup.describe_init(cfg, init)
+        run.log({"event": "init", **carried})
+        log(f"continuing from {carried['from']}: carried over {', '.join(carried['carried'])}; "
+            f"reset {', '.join(carried['reset'])}")
+    log(f"LR schedule: {describe_schedule(cfg.train.schedule, cfg.train.max_steps)}")
+    if data.replay_sources:
+        log(f"replay: {cfg.data.replay.fraction:.1%} of every global batch from "
+            + ", ".join(s.domain for s in data.replay_sources))
+    roles = data.roles
+    evaluate_domains = setup.evaluator(cfg, data, tokenizer, d.device)
+    def evaluate(model, step):  # each domain tagged target (trained on now) or reference (old data)
+        return {k: {**v, "role": roles.get(k, "reference")} for k, v in evaluate_domains(model, step).items()}
     trainable = sum(p.numel() for _, p in method.trainable_params(model))
     log(f"model: {models.count_params(model):,} parameters, {trainable:,} trainable ({method.name}); "
         f"run directory: {run.path}")
 
     progress = ProgressBar(enabled=d.main and not quiet)
     try:
-        result = train(model, method, batches, setup.evaluator(cfg, data, tokenizer, d.device), cfg,
-                       dump_config(cfg), run, d, ctx, resume_from=stage.resume_from, progress=progress, log=log)
+        result = train(model, method, batches, evaluate, cfg, dump_config(cfg), run, d, ctx,
+                       resume_from=stage.resume_from, init_from=None if stage.resuming else init.checkpoint,
+                       progress=progress, log=log)
     finally:
         progress.stop()
     if d.main:

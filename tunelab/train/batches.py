@@ -11,6 +11,10 @@ checkpoint. The default, `PackedBatches`, packs the recipe's text; a method can 
                        then skips the all-reduce of the counts
     next(step)         -> [(batch dict of CPU tensors, target count)] for this process
     state_dict() / load_state_dict(state)
+
+and optionally `source_tokens()` -> {domain: input tokens so far}, logged with every train event.
+A mixture schedule is part of the default source: its phase switches happen in `next(step)` and
+the phase reached is in the state, so a resumed run switches at the same step.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.data import Mixture, PackedSequences, collate
-from tunelab.train.objectives import add_labels, count_targets, sequence_seed
+from tunelab.train.objectives import WordTable, add_labels, count_targets, sequence_seed
 
 
 @dataclass
@@ -35,6 +39,11 @@ class PackedBatches:
     vocab_size: int = 0
     special_ids: list[int] = field(default_factory=list)
     mlm_probability: float = 0.15
+    word_table: WordTable | None = None  # MLM whole-word masking (objectives.word_table); None: per token
+    domains: list[str] = field(default_factory=list)  # name of each set, for the tokens-per-source metric
+    # Mixture schedule: (first step, weight of every set) of each phase after the first, in step order.
+    phases: list[tuple[int, list[float]]] = field(default_factory=list)
+    phase: int = 0  # phases already switched to
 
     @property
     def seq_len(self) -> int:
@@ -56,6 +65,9 @@ class PackedBatches:
         micro-batch m of rank r is its slice (m * world + r). MLM masks are keyed on each
         sequence's position in the global batch, so they too are independent of the split.
         """
+        while self.phase < len(self.phases) and step >= self.phases[self.phase][0]:
+            self.mixture.set_weights(self.phases[self.phase][1])
+            self.phase += 1
         pairs = self.mixture.take(self.micro * self.accum * self.world)
         out = []
         for m in range(self.accum):
@@ -63,12 +75,18 @@ class PackedBatches:
             batch = collate([self.sets[s][i] for s, i in pairs[start:start + self.micro]])
             seeds = [sequence_seed(self.seed, step, start + j) for j in range(self.micro)]
             batch = add_labels(batch, self.objective, mask_id=self.mask_id, mlm_probability=self.mlm_probability,
-                               vocab_size=self.vocab_size, special_ids=self.special_ids, seeds=seeds)
+                               vocab_size=self.vocab_size, special_ids=self.special_ids, seeds=seeds,
+                               word_table=self.word_table)
             out.append((batch, count_targets(batch, self.objective)))
         return out
 
+    def source_tokens(self) -> dict[str, int]:
+        """Input tokens each source has contributed so far, over all processes."""
+        return {d: n * self.seq_len for d, n in zip(self.domains, self.mixture.drawn)}
+
     def state_dict(self) -> dict:
-        return self.mixture.state_dict()
+        return {**self.mixture.state_dict(), "phase": self.phase}
 
     def load_state_dict(self, state: dict) -> None:
         self.mixture.load_state_dict(state)
+        self.phase = int(state.get("phase", 0))

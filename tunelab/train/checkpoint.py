@@ -229,3 +229,15 @@ def load_optimizer(path: Path, optimizer) -> None:
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as err:
         raise RunDirError(f"{path}: the optimizer state does not fit this run ({str(err).splitlines()[0][:160]}): "
                           "resume with the run's own config.yaml") from None
+
+
+def load_data_state(path: Path, batches) -> None:
+    """Continue another run's data stream (an anneal branch): its data must be this run's data."""
+    state = json.loads((path / "state.json").read_text())
+    try:
+        batches.load_state_dict(state["data"])
+    except (RunDirError, KeyError, ValueError, IndexError) as err:
+        raise RunDirError(f"init_data_state: {path}'s data position does not fit this recipe's data ({err}); use "
+                          "the same data.train/replay as that run, or set init_data_state: false") from None
+    if hasattr(batches, "phase"):  # the position and the weights reached carry over; the phases are this run's own
+        batches.phase = 0

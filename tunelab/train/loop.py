@@ -25,21 +25,25 @@ from tunelab.train.schedules import lr_multiplier
 
 
 def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, resume_from: Path | None = None,
-          progress=None, log=print) -> dict:
+          init_from: Path | None = None, progress=None, log=print) -> dict:
     """Train `model` (already method.prepare'd and on ctx.device) with `method` on `batches`.
 
     `evaluate(model, step) -> {domain: metrics}` runs on rank 0; `config_yaml` goes into checkpoints.
+    `resume_from`: a checkpoint of this very run (everything restored). `init_from`: a checkpoint of the
+    run this new one continues; only what the recipe asks for is carried (init_optimizer, init_data_state).
     """
     tc = cfg.train
     aux = method.aux_models()
     model.train()
     step, tokens = 0, 0
+    start_eval: dict = {}  # domain -> the step-0 metrics that deltas are measured from
     if resume_from is not None:
         restored = ckpt.load_checkpoint(resume_from, model, method, rank=d.rank, world=d.world,
                                         base_sha256=ctx.base_sha256, aux_hashes={k: a.sha256 for k, a in aux.items()},
                                         log=log)
         step, tokens = restored.step, restored.state["tokens"]
         batches.load_state_dict(restored.state["data"])
+        start_eval = restored.state.get("eval_start", {})
         run.log({"event": "resume", "step": step, "checkpoint": resume_from.name})
         log(f"resumed from {resume_from} at step {step}")
 
@@ -58,6 +62,11 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
     named, optimizer, ddp_model, forward_model = build()
     if resume_from is not None:
         ckpt.load_optimizer(resume_from, optimizer)
+    elif init_from is not None:
+        if cfg.init_optimizer:
+            ckpt.load_optimizer(init_from, optimizer)
+        if cfg.init_data_state:
+            ckpt.load_data_state(init_from, batches)
     dtype = autocast_dtype(tc.precision)
     world, accum = d.world, tc.grad_accum
 
@@ -75,6 +84,7 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
         rng = d.all_gather_object(ckpt.rng_state())
         if d.main:
             state = {"step": at_step, "tokens": tokens, "data": batches.state_dict(), "world_size": world,
+                     "eval_start": start_eval,
                      "method": method.state_dict(), "aux": {k: {"reference": a.reference, "sha256": a.sha256}
                                                             for k, a in aux.items()}}
             ckpt.save_checkpoint(run.checkpoints, at_step, model=model, optimizer=optimizer, method=method,
@@ -82,9 +92,15 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
                                  base_sha256=ctx.base_sha256, tokenizer=ctx.tokenizer)
         d.barrier()
 
-    def run_eval(at_step: int) -> dict:
+    def run_eval(at_step: int, baseline: bool = False) -> dict:
         results = evaluate(model, at_step) if d.main else {}
+        if baseline:  # the step-0 evaluation: every later delta is measured from it
+            start_eval.update({k: {"loss": v["loss"], "bpb": v.get("bpb")} for k, v in results.items()})
         for domain, r in results.items():
+            base = start_eval.get(domain)
+            if base is not None:  # > 0 on an old domain is forgetting; < 0 on the new one is the gain
+                r["delta_from_start"] = r["loss"] - base["loss"]
+                r["bpb_delta_from_start"] = (r["bpb"] - base["bpb"]) if r.get("bpb") and base.get("bpb") else None
             run.log({"event": "eval", "step": at_step, "tokens": tokens, "domain": domain, **r})
         if results:
             log(f"eval step {at_step}: " + "  ".join(f"{k} {v['loss']:.3f}" + (f"/{v['bpb']:.3f}bpb" if v["bpb"] else "")
@@ -95,6 +111,8 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
     loss_sum = torch.zeros((), device=d.device)
     nonfinite = torch.zeros((), device=d.device)
     grad_norm = None
+    if tc.eval_at_start and resume_from is None:  # the baseline: before any step changes the weights
+        run_eval(0, baseline=True)
     if progress is not None:
         progress.start(total=tc.max_steps, completed=step)
     while step < tc.max_steps:
@@ -148,6 +166,8 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
                      "tokens_per_s": round(tok_s, 1)}
             if grad_norm is not None:
                 event["grad_norm"] = float(grad_norm)
+            if hasattr(batches, "source_tokens"):  # what each source (replay included) actually contributed
+                event["source_tokens"] = batches.source_tokens()
             run.log(event)
             if progress is not None:
                 progress.update(step, loss=loss_value, tok_s=tok_s)
