@@ -1,8 +1,9 @@
 """`tunelab quickstart`: the main job, offline, on the built-in corpus, in a few minutes on 2 CPU cores.
 
 Trains a tokenizer, pretrains a small model on builtin:prose, evaluates it on every built-in
-domain, generates a sample, and says where everything is. Later stages (continued pretraining,
-fine-tuning, merging, the report) extend this same lifecycle.
+domain, generates a sample; then continues it on builtin:code twice (recipes cpt-rewarm and
+cpt-replay: without and with 5% prose replay) and prints the forgetting table of the two. Later
+stages (fine-tuning, merging, the report) extend this same lifecycle.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
     from rich.console import Console
     from rich.table import Table
 
+    from tunelab.compare import forgetting_table, render_table
     from tunelab.evaluate import generate_text
     from tunelab.stages import run_stage
     from tunelab.runs import read_metrics
@@ -38,6 +40,19 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
     console.print(f"[bold]sample[/bold] ({prompt!r} ->)\n{sample}")
     console.print(f"\nrun directory: [bold]{run_dir}[/bold]  (config.yaml, metrics.jsonl, lineage.json, "
                   f"checkpoints/, final/)")
+
+    # Continued pretraining on code, without and with replay of the old domain: what it gains, what it forgets.
+    continued = []
+    for recipe, suffix in (("cpt-rewarm", "code"), ("cpt-replay", "code-replay")):
+        out_cpt = run_dir.parent / f"{run_dir.name}-{suffix}"
+        cpt = load_recipe(recipe, [f"init_from={run_dir}", f"name={out_cpt.name}", *CPT_SCALE, *overrides])
+        console.print(f"\n[bold]continued pretraining on code[/bold] ({recipe}) -> {out_cpt}")
+        continued.append(run_stage(cpt, out=out_cpt, resume=(out_cpt / "config.yaml").exists(), quiet=quiet))
+    render_table(forgetting_table(continued), console=console)
     console.print(f"next: tunelab eval {run_dir}/final --data builtin:code   |   "
-                  f"tunelab generate {run_dir}/final --prompt 'def '")
+                  f"tunelab generate {run_dir}/final --prompt 'def '   |   tunelab compare {' '.join(map(str, continued))}")
     return run_dir
+
+
+# The continued runs are shorter than the shipped cpt recipes: the quickstart stays a few minutes on 2 cores.
+CPT_SCALE = ["train.max_steps=150", "train.eval_every=25", "train.schedule.warmup_steps=15", "train.eval_max_tokens=8192"]

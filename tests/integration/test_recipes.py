@@ -37,7 +37,12 @@ def toy_base(tmp_path_factory, corpus_dir):
 def test_shipped_recipe_at_toy_scale(tmp_path, corpus_dir, recipe, request):
     # Each recipe runs as the command its kind names; a finetune starts from a toy trained model.
     kind = recipe_kind(recipe)
+    shipped = yaml.safe_load((RECIPES_DIR / f"{recipe}.yaml").read_text())
     extra = ["--set", f"model.path={request.getfixturevalue('toy_base') / 'final'}"] if kind == "finetune" else []
+    if "init_from" in shipped:  # continued pretraining: from the toy run instead of runs/quickstart
+        extra += ["--set", f"init_from={request.getfixturevalue('toy_base')}"]
+    if shipped.get("train", {}).get("schedule", {}).get("name") == "infinite":  # its phases must fit in 3 steps
+        extra += ["--set", "train.schedule.warmup_steps=1", "--set", "train.schedule.cooldown_steps=1"]
     # The overrides every training recipe must accept: max_steps, seed, checkpoint_every, log_every, data.train.
     result = run_cli(kind, recipe, "--out", str(tmp_path / "run"), "--quiet", *TOY, *extra,
                      "--set", "train.seed=1", "--set", "train.checkpoint_every=2", "--set", "train.log_every=1",
