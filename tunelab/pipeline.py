@@ -7,7 +7,8 @@
         set: {train.max_steps: 50}      #   (relative to this YAML) or a shipped recipe name
       - name: code-lora
         finetune: lora-code
-        set: {model.path: "${base}"}    # ${stage} = that stage's final model (or eval.json)
+        set: {model.path: "${base}"}    # ${stage} = that stage's final model (or eval.json);
+                                        # init_from: "${base}" continues that run (its final/)
       - name: score
         eval: "${code-lora}"            # a model or adapter directory
         data: [builtin:prose, builtin:code]
@@ -155,10 +156,15 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
                                    + list(overrides or []))
             cfg = validate_recipe(data, f"{path} stage {stage.name}", kind=stage.kind)
             cache = resolve_cache_dir(cfg.data.cache_dir)
-            model_path = cfg.model.path
+            model_path = cfg.model.path or cfg.init_from
             outside = model_path and not any(str(outputs[r]) == model_path for r in used) and Path(model_path).is_dir()
+            if outside and cfg.init_from:  # a run or checkpoint from outside: hash the weights it gives
+                from tunelab.stages.setup import resolve_init
+
+                model_path = str(resolve_init(cfg).model_dir)
+            replay = cfg.data.replay.sources if cfg.data.replay else []
             key = _key({"recipe": dump_config(cfg), "upstream": upstream,
-                        "data": _data_hashes(cfg.data.train + cfg.data.eval, cache, log),
+                        "data": _data_hashes(cfg.data.train + cfg.data.eval + replay, cache, log),
                         "model": weight_files_sha256(Path(model_path)) if outside else None})
         stage_dir = _stage_dir(root, stage.name, key)
         keys[stage.name] = key

@@ -82,6 +82,8 @@ def resolve_init(cfg) -> Init:
     if not where.exists():
         raise ConfigError(f"init_from: {where} does not exist: give a tunelab run directory or one of its "
                           "checkpoints/step-N (for a plain model directory use model.path)")
+    if where.name == "final" and (where.parent / "config.yaml").is_file():  # a run's final/ (`${stage}` in pipelines)
+        where = where.parent
     if (where / "state.json").is_file():  # a checkpoint
         problem = ckpt.verify(where)
         if problem:
@@ -122,6 +124,20 @@ def describe_init(cfg, init: Init) -> dict:
     return {"from": str(init.model_dir), "run": str(init.run) if init.run else None,
             "checkpoint": str(init.checkpoint) if init.checkpoint else None, "checkpoint_step": step,
             "carried": carried, "reset": reset}
+
+
+def carry_init_state(cfg, init: Init, model, method, batches) -> None:
+    """init_data_state: continue the checkpoint's data stream; init_optimizer: check now that its optimizer
+    state fits this run's trainable parameters (the loop loads it into the real optimizer). Both fail
+    before the run directory gets any record, so the fix the error names can reuse the same --out."""
+    from tunelab.train import checkpoint as ckpt
+    from tunelab.train.optim import build_optimizer
+
+    if cfg.init_data_state:
+        ckpt.load_data_state(init.checkpoint, batches)
+    if cfg.init_optimizer and method.uses_backward:
+        ckpt.load_optimizer(init.checkpoint, build_optimizer(method.trainable_params(model), cfg.train),
+                            what="init_optimizer")
 
 
 @dataclass
@@ -242,13 +258,13 @@ def resolve_tokenizer(cfg, cache: Path, log=print, init: Init | None = None):
     return models.load_tokenizer(str(where))
 
 
-def initial_model(cfg, tokenizer, init: Init | None = None):
+def initial_model(cfg, tokenizer, init: Init | None = None, log=print):
     """The model training starts from: a saved model (model.path / init_from) or a fresh preset, checked
     against the tokenizer, the sequence length and the objective."""
     init = init or resolve_init(cfg)
     field_name = "init_from" if cfg.init_from else "model.path"
     # merge=True: training continues from an adapter's merged weights, never through a peft wrapper.
-    model = (models.load_model(str(init.model_dir), cfg.model.attn_implementation, field_name, merge=True)
+    model = (models.load_model(str(init.model_dir), cfg.model.attn_implementation, field_name, merge=True, log=log)
              if init.trained else
              models.build_model(cfg.model.preset, tokenizer, cfg.model.overrides, cfg.model.attn_implementation))
     models.check_pair(model, tokenizer, cfg.data.seq_len)
@@ -377,6 +393,7 @@ def mixture_plan(cfg, data: TrainingData) -> tuple[list[float], list[tuple[int, 
 def packed_batches(cfg, data: TrainingData, tokenizer, d):
     from tunelab.data import Mixture
     from tunelab.train.batches import PackedBatches
+    from tunelab.train.objectives import word_table
 
     tc = cfg.train
     mask_id = tokenizer.mask_token_id if tc.objective == "mlm" else None
@@ -385,23 +402,25 @@ def packed_batches(cfg, data: TrainingData, tokenizer, d):
                         "or use a BERT-style tokenizer")
     weights, phases = mixture_plan(cfg, data)
     mixture = Mixture([len(s) for s in data.sets], weights, tc.seed)
+    words = word_table(tokenizer) if tc.objective == "mlm" and tc.whole_word_masking else None
     return PackedBatches(sets=data.sets, mixture=mixture, objective=tc.objective, micro=tc.micro_batch_size,
                          domains=[s.domain for s in data.sources + data.replay_sources], phases=phases,
                          accum=tc.grad_accum, rank=d.rank, world=d.world, seed=tc.seed, mask_id=mask_id,
                          vocab_size=len(tokenizer), special_ids=list(tokenizer.all_special_ids),
-                         mlm_probability=tc.mlm_probability)
+                         mlm_probability=tc.mlm_probability, word_table=words)
 
 
 def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
     """`evaluate(model, step) -> {domain: {loss, ppl, bpb, eval_tokens}}` on every eval split."""
     from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
-    from tunelab.train.objectives import fixed_mlm_labeler
+    from tunelab.train.objectives import fixed_mlm_labeler, word_table
     from tunelab.train.precision import autocast_dtype
 
     tc = cfg.train
     byte_lengths = token_byte_lengths(tokenizer)
     label_fn = None if tc.objective == "clm" else fixed_mlm_labeler(
-        tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids), tc.mlm_probability)
+        tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids), tc.mlm_probability,
+        word_table=word_table(tokenizer) if tc.whole_word_masking else None)
 
     def evaluate(model, step: int) -> dict:
         return {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=models.eos_id(tokenizer),

@@ -29,7 +29,7 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     setup.seed_everything(cfg.train.seed)  # the same initial weights on every process
     init = stage.init
     tokenizer = stage.rank0_first(lambda: setup.resolve_tokenizer(cfg, stage.cache, log, init))
-    model = setup.initial_model(cfg, tokenizer, init)
+    model = setup.initial_model(cfg, tokenizer, init, log)
     data = stage.rank0_first(lambda: setup.build_data(cfg, tokenizer, stage.cache, log, init))
 
     ctx = MethodContext(device=d.device, dist=d, recipe=cfg, tokenizer=tokenizer, max_steps=cfg.train.max_steps,
@@ -39,6 +39,8 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
         aux.module.to(d.device).eval().requires_grad_(False)
     setup.seed_everything(setup.rank_seed(cfg.train.seed, d.rank))  # dropout streams differ per process
     batches = method.batch_source(setup.packed_batches(cfg, data, tokenizer, d), ctx)
+    if stage.resume_from is None and init.checkpoint is not None:  # refused here, before any record is written
+        setup.carry_init_state(cfg, init, model, method, batches)
     setup.write_records(stage, cfg, setup.lineage(cfg, tokenizer, data, ctx.base_sha256, init))
     if init.trained and not stage.resuming:  # say what a continued run carries over and what starts afresh
         carried = setup.describe_init(cfg, init)
@@ -60,7 +62,7 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     progress = ProgressBar(enabled=d.main and not quiet)
     try:
         result = train(model, method, batches, evaluate, cfg, dump_config(cfg), run, d, ctx,
-                       resume_from=stage.resume_from, init_from=None if stage.resuming else init.checkpoint,
+                       resume_from=stage.resume_from, init_from=init.checkpoint,
                        progress=progress, log=log)
     finally:
         progress.stop()

@@ -221,14 +221,21 @@ def load_checkpoint(path: Path, model, method, *, rank: int = 0, world: int = 1,
     return Restored(step=state["step"], state=state)
 
 
-def load_optimizer(path: Path, optimizer) -> None:
+def load_optimizer(path: Path, optimizer, what: str = "resume") -> None:
     if optimizer is None:
         return
     try:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        for group in optimizer.param_groups:  # load_state_dict checks group sizes, not the tensors' shapes
+            for p in group["params"]:
+                for name, value in optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                        raise ValueError(f"its {name} has shape {tuple(value.shape)} for a parameter of {tuple(p.shape)}")
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as err:
+        fix = ("resume with the run's own config.yaml" if what == "resume" else
+               "use the same method and model as that run, or set init_optimizer: false")
         raise RunDirError(f"{path}: the optimizer state does not fit this run ({str(err).splitlines()[0][:160]}): "
-                          "resume with the run's own config.yaml") from None
+                          f"{fix}") from None
 
 
 def load_data_state(path: Path, batches) -> None:
@@ -239,5 +246,7 @@ def load_data_state(path: Path, batches) -> None:
     except (RunDirError, KeyError, ValueError, IndexError) as err:
         raise RunDirError(f"init_data_state: {path}'s data position does not fit this recipe's data ({err}); use "
                           "the same data.train/replay as that run, or set init_data_state: false") from None
-    if hasattr(batches, "phase"):  # the position and the weights reached carry over; the phases are this run's own
+    # The position and the weights reached carry over (source_tokens counts the whole stream, the parent's draws
+    # included); the mixture phases are this run's own.
+    if hasattr(batches, "phase"):
         batches.phase = 0

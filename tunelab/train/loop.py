@@ -30,7 +30,7 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
 
     `evaluate(model, step) -> {domain: metrics}` runs on rank 0; `config_yaml` goes into checkpoints.
     `resume_from`: a checkpoint of this very run (everything restored). `init_from`: a checkpoint of the
-    run this new one continues; only what the recipe asks for is carried (init_optimizer, init_data_state).
+    run this new one continues, whose optimizer state is loaded when the recipe says init_optimizer.
     """
     tc = cfg.train
     aux = method.aux_models()
@@ -62,11 +62,8 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
     named, optimizer, ddp_model, forward_model = build()
     if resume_from is not None:
         ckpt.load_optimizer(resume_from, optimizer)
-    elif init_from is not None:
-        if cfg.init_optimizer:
-            ckpt.load_optimizer(init_from, optimizer)
-        if cfg.init_data_state:
-            ckpt.load_data_state(init_from, batches)
+    elif init_from is not None and cfg.init_optimizer:  # its data state was loaded (and checked) in set-up
+        ckpt.load_optimizer(init_from, optimizer, what="init_optimizer")
     dtype = autocast_dtype(tc.precision)
     world, accum = d.world, tc.grad_accum
 
