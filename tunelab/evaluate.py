@@ -24,7 +24,15 @@ def run_recipe(model_dir: str) -> dict | None:
 
     if str(model_dir).startswith("package:"):  # a model shipped in a Python package: no run around it
         return None
-    for candidate in (Path(model_dir).parent / "config.yaml", Path(model_dir).parent.parent / "config.yaml"):
+    candidates = [Path(model_dir).parent / "config.yaml", Path(model_dir).parent.parent / "config.yaml"]
+    try:  # a model written from a run's checkpoints (tunelab average) names the run in its lineage.json
+        import json
+
+        run = json.loads((Path(model_dir) / "lineage.json").read_text()).get("run")
+        candidates += [Path(run) / "config.yaml"] if isinstance(run, str) else []
+    except (OSError, ValueError):
+        pass
+    for candidate in candidates:
         if candidate.is_file():
             try:
                 recipe = yaml.safe_load(candidate.read_text())
