@@ -9,13 +9,11 @@ parents by path and hash.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from tunelab import models
 from tunelab.errors import ModelError, RunDirError
-from tunelab.runs import file_sha256
+from tunelab.runs import file_sha256, staged_dir
 
 FIELD = "RUN_OR_ADAPTER"
 
@@ -58,17 +56,10 @@ def export_model(source: str | Path, out: str | Path, merge: bool = False, base:
     tokenizer = models.load_tokenizer(str(src), FIELD)
 
     # Written next to the target and renamed, so an interrupted export leaves no half directory at --out.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         lineage = {"kind": "export", "parents": parents, "merged": merged}
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"exported {src} -> {out}" + (" (adapter merged into its base)" if merged else ""))
     return out

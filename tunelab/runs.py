@@ -11,10 +11,12 @@ runs/<name>/
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +44,23 @@ class RunDir:
     def write_json(self, name: str, data: dict) -> None:
         if self.main:
             atomic_write(self.path / name, json.dumps(data, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """Yield a fresh temporary directory beside `out`; when the block succeeds it is renamed to `out`
+    (absent or empty: callers check first), so an interrupted write never leaves a half directory there."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -14,11 +14,11 @@ the sha256 its manifest recorded and its weight. It is written to a temp directo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from tunelab.errors import ConfigError, ModelError, RunDirError
+from tunelab.runs import staged_dir
 
 # Files of a checkpoint that are training state, not part of a model directory.
 TRAINING_STATE = {"model.safetensors", "adapter.safetensors", "method.safetensors", "optimizer.pt", "rng.pt",
@@ -212,10 +212,7 @@ def average_checkpoints(run: str | Path, out: str | Path, last: int | None = Non
     weight_files = [p / "model.safetensors" for p in paths]
     check_weight_files(weight_files)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         average_files(weight_files, tmp / "model.safetensors")
         for file in extra:
             shutil.copy2(file, tmp / file.name)
@@ -231,11 +228,6 @@ def average_checkpoints(run: str | Path, out: str | Path, last: int | None = Non
             "tokenizer_from": str(tok_dir.resolve()),
         }
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if config_dir != paths[-1] or tok_dir != paths[-1]:
         log(f"config.json from {config_dir}, tokenizer from {tok_dir}")
     log(f"wrote {out}")
