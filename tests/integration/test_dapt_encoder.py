@@ -188,13 +188,13 @@ def test_dapt_minilm_on_code_lowers_the_mlm_loss(tmp_path):
     from tunelab.evaluate import evaluate_model
 
     out = tmp_path / "dapt"
-    result = run_cli("pretrain", "dapt-encoder", "--out", str(out), "--quiet",
+    result = run_cli("pretrain", "dapt-encoder", "--out", str(out),  # not --quiet: the head line is a log line
                      "--set", "train.max_steps=20", "--set", "train.micro_batch_size=4", "--set", "data.seq_len=64",
                      "--set", "train.lr=1e-4", "--set", "train.schedule.warmup_steps=2",
                      "--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.eval_max_tokens=2048",
                      "--set", "train.checkpoint_every=0", "--set", "data.eval=[]")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{PACKAGE} {HEAD_LINE}" in result.stderr
+    assert f"{PACKAGE} {HEAD_LINE}" in result.stdout
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["train"]["whole_word_masking"] is True and config["train"]["precision"] == "fp32"
 
