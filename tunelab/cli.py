@@ -172,6 +172,33 @@ def average(run: Path = typer.Argument(..., help="A run directory with checkpoin
 
 
 @app.command()
+def merge(args: list[str] = typer.Argument(..., metavar="RECIPE | MODEL_DIR...",
+                                           help="A merge recipe (YAML file or shipped name), or the models to merge: "
+                                                "model directories, runs (their final/) or LoRA adapters."),
+          method: Optional[str] = typer.Option(None, "--method", help="linear (default), greedy_soup, task_arithmetic, "
+                                               "ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, slerp."),
+          base: Optional[str] = typer.Option(None, "--base", help="The model the inputs were fine-tuned from "
+                                             "(task_arithmetic, ties, dare_*, breadcrumbs*)."),
+          weights: Optional[str] = typer.Option(None, "--weights", help="One weight per model, e.g. 0.5,0.5."),
+          density: Optional[float] = typer.Option(None, "--density", help="Share of each task vector kept, in (0, 1]."),
+          seed: Optional[int] = typer.Option(None, "--seed", help="DARE's drop masks."),
+          data: list[str] = typer.Option([], "--data", help="Source to score every model on (repeatable); default: "
+                                         "what the inputs trained on."),
+          set_: list[str] = typer.Option([], "--set", help="Override a recipe value, e.g. --set options.gamma=0.05."),
+          out: Optional[Path] = typer.Option(None, "--out", help="New directory for the merged model "
+                                             "(default runs/<name>)."),
+          quiet: bool = typer.Option(False, "--quiet")):
+    """Merge models (soups, task arithmetic, TIES, DARE, breadcrumbs, SLERP) into a plain HF model directory,
+    scored against its parents on held-out data; lineage.json lists every input."""
+    from tunelab.stages.merge import cli_recipe, run_merge
+
+    _no_transformers_bars()
+    cfg = cli_recipe(args, method=method, base=base, weights=weights, density=density, seed=seed, data=data,
+                     overrides=set_, name=out.name if out else None)
+    print(run_merge(cfg, out=out, quiet=quiet, log=_stderr))
+
+
+@app.command()
 def anneal(run: Path = typer.Argument(..., help="The run to branch from (its checkpoints/ hold the branch point)."),
            from_: str = typer.Option(..., "--from", help="Checkpoint to branch from: step-N, N, or a path."),
            steps: int = typer.Option(..., "--steps", help="Length of the decay, in steps."),

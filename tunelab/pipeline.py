@@ -12,6 +12,9 @@
       - name: score
         eval: "${code-lora}"            # a model or adapter directory
         data: [builtin:prose, builtin:code]
+      - name: soup                      # a model operation; output: <out>/soup/final
+        merge: merge-soup               # its recipe may name earlier stages too
+        set: {models: ["${base}", "${code-lora}"]}
 
 Each stage has a key: the hash of its resolved recipe, the keys of the stages it names and the
 content hashes of its data (and of an outside model.path). A stage whose directory holds a
@@ -149,6 +152,9 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
             sources = [validate(s, f"{path} stage {stage.name}: data", SourceSpec) for s in _as_source_list(resolved["data"])]
             cache = resolve_cache_dir()
             key = _key({"stage": resolved, "upstream": upstream, "data": _data_hashes(sources, cache, log)})
+        elif not _trains(stage.kind):  # a model operation (merge): ${stage} may also appear in its recipe
+            recipe_path, cfg, key = _operation(stage, resolved, outputs, keys, used, path, log)
+            upstream = {ref: keys[ref] for ref in sorted(used)}
         else:
             recipe_path = _recipe_path(resolved["target"], path.parent)
             data = expand_shorthands(read_yaml(recipe_path))
@@ -186,10 +192,54 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
             atomic_write(outputs[stage.name], json.dumps(results, indent=2))
         else:
             log(f"[{stage.name}] {stage.kind} {recipe_path.name} -> {stage_dir}")
-            run_stage(cfg, out=stage_dir, resume=started and (stage_dir / "config.yaml").exists(), quiet=quiet)
+            trains = _trains(stage.kind)  # an operation writes its model straight to <stage>/final
+            run_stage(cfg, out=stage_dir if trains else outputs[stage.name],
+                      resume=started and (not trains or (stage_dir / "config.yaml").exists()), quiet=quiet)
         atomic_write(record, json.dumps({"key": key, "kind": stage.kind, "upstream": upstream, "status": "done"}))
     log(f"pipeline {spec.name}: {len(spec.stages)} stages, outputs in {root}")
     return outputs
+
+
+def _trains(kind: str) -> bool:
+    from tunelab.config import RECIPE_KINDS, TrainingRecipe
+
+    return issubclass(RECIPE_KINDS.get(kind, TrainingRecipe), TrainingRecipe)
+
+
+def _operation(stage: Stage, resolved: dict, outputs: dict[str, Path], keys: dict[str, str], used: set[str],
+               path: Path, log) -> tuple[Path, Any, str]:
+    """(recipe path, validated recipe, key) of a stage that works on saved models (merge). Its recipe file may
+    name earlier stages too (`models: ["${a}", "${b}"]`); `set` applies, pipeline-wide --set does not (it is
+    for training stages). The key covers the resolved recipe, the stages it names, its eval data and the
+    weights of every model from outside the pipeline."""
+    from tunelab.config import RECIPE_KINDS
+    from tunelab.runs import weight_files_sha256
+    from tunelab.stages.setup import resolve_cache_dir
+
+    from tunelab.config import RECIPES_DIR
+
+    target = resolved["target"]
+    shipped = RECIPES_DIR / f"{stage.kind}s" / f"{target}.yaml"  # a kind's own shipped recipes: recipes/merges/
+    local = (path.parent / target).is_file() or Path(target).is_file()
+    recipe_path = shipped if shipped.is_file() and not local else _recipe_path(target, path.parent)
+    cls = RECIPE_KINDS[stage.kind]
+    data = _substitute(read_yaml(recipe_path), outputs, stage.name, used)
+    data = getattr(cls, "expand_shorthands", lambda d: d)(data)
+    data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in resolved["set"].items()])
+    source = f"{path} stage {stage.name}"
+    if data.get("kind") not in (None, stage.kind):
+        raise ConfigError(f"{source}: {recipe_path} is a {data['kind']!r} recipe; name it as `{data['kind']}:` here")
+    cfg = validate({**data, "kind": stage.kind}, source, cls)
+    produced = {str(outputs[r]) for r in used}
+    outside = {}
+    for model in cfg.model_paths():
+        where = Path(model).expanduser()
+        if model not in produced and where.is_dir():
+            run_final = (where / "final").is_dir() and not (where / "config.json").is_file()
+            outside[model] = weight_files_sha256(where / "final" if run_final else where)
+    key = _key({"recipe": dump_config(cfg), "upstream": {ref: keys[ref] for ref in sorted(used)},
+                "data": _data_hashes(cfg.data_sources(), resolve_cache_dir(), log), "models": outside})
+    return recipe_path, cfg, key
 
 
 def _recipe_path(name: str, base: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.config import (RECIPE_KINDS, RECIPES_DIR, FinetuneRecipe, PretrainRecipe, RecipeConfig, ScheduleConfig, SourceSpec,
+from tunelab.config import (RECIPE_KINDS, RECIPES_DIR, FinetuneRecipe, MergeRecipe, PretrainRecipe, RecipeConfig, ScheduleConfig, SourceSpec,
                             apply_overrides, dump_config, load_recipe, parse_override, read_yaml, resolve_recipe_path,
                             validate, validate_recipe)
 from tunelab.errors import ConfigError, TunelabError
@@ -399,9 +399,9 @@ def test_cli_bad_key_exits_2_with_one_line():
 
 
 def test_recipe_kinds_table():
-    assert RECIPE_KINDS == {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe}
+    assert RECIPE_KINDS == {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "merge": MergeRecipe}
     for kind, cls in RECIPE_KINDS.items():
-        assert issubclass(cls, RecipeConfig) and cls.model_fields["kind"].default == kind
+        assert cls.model_fields["kind"].default == kind and (kind == "merge" or issubclass(cls, RecipeConfig))
 
 
 def test_unknown_kind_is_a_one_line_error_with_hint(tmp_path):

@@ -13,6 +13,7 @@ import importlib
 STAGES: dict[str, str] = {
     "pretrain": "tunelab.stages.train:run_training",
     "finetune": "tunelab.stages.train:run_training",
+    "merge": "tunelab.stages.merge:run_merge",
 }
 
 
