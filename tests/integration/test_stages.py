@@ -83,13 +83,13 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def micro_batch_counts(cfg) -> list[int]:
     """Target counts of step 0's micro-batches, from the same set-up the stage uses."""
-    from tunelab.stages import setup
+    from tunelab.stages import setup, training_data
     from tunelab.train.dist import Dist
 
     cache = setup.resolve_cache_dir(cfg.data.cache_dir)
     tok = setup.resolve_tokenizer(cfg, cache, log=lambda *a: None)
-    data = setup.build_data(cfg, tok, cache, log=lambda *a: None)
-    return [count for _, count in setup.packed_batches(cfg, data, tok, Dist()).next(0)]
+    data = training_data.build_data(cfg, tok, cache, log=lambda *a: None)
+    return [count for _, count in training_data.packed_batches(cfg, data, tok, Dist()).next(0)]
 
 
 @pytest.mark.parametrize("case", ["clm-loss-mask", "mlm"])
@@ -322,11 +322,11 @@ def test_a_source_an_ancestor_trained_on_stays_held_out(tmp_path, corpus):
     again["model"] = {"path": str(base / "final")}
     again["data"]["eval_fraction"] = 0.3
     messages = []
-    from tunelab.stages import setup
+    from tunelab.stages import setup, training_data
 
     cfg = validate_recipe(again, "again")
     tok = setup.resolve_tokenizer(cfg, setup.resolve_cache_dir(), log=lambda *a: None)
-    setup.build_data(cfg, tok, setup.resolve_cache_dir(), log=messages.append)
+    training_data.build_data(cfg, tok, setup.resolve_cache_dir(), log=messages.append)
     assert any("larger than the 0.1 an ancestor held out" in m for m in messages)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from tunelab.config import validate_recipe
 from tunelab.data import Mixture, PackedSequences
-from tunelab.stages.setup import TrainingData, mixture_plan
+from tunelab.stages.training_data import TrainingData, mixture_plan
 from tunelab.train.batches import PackedBatches
 
 EPS = 1e-9  # float slack on the exact "within one sequence" bound

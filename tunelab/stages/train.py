@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tunelab import models
 from tunelab.config import dump_config
-from tunelab.stages import setup
+from tunelab.stages import setup, training_data
 
 
 def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool = False) -> Path:
@@ -30,7 +30,7 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     init = stage.init
     tokenizer = stage.rank0_first(lambda: setup.resolve_tokenizer(cfg, stage.cache, log, init))
     model = setup.initial_model(cfg, tokenizer, init, log)
-    data = stage.rank0_first(lambda: setup.build_data(cfg, tokenizer, stage.cache, log, init))
+    data = stage.rank0_first(lambda: training_data.build_data(cfg, tokenizer, stage.cache, log, init))
 
     ctx = MethodContext(device=d.device, dist=d, recipe=cfg, tokenizer=tokenizer, max_steps=cfg.train.max_steps,
                         seed=cfg.train.seed, run_path=run.path, log=log, base_sha256=models.weights_sha256(model))
@@ -38,7 +38,7 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     for aux in method.aux_models().values():  # a teacher or reference: on our device, frozen, in eval mode
         aux.module.to(d.device).eval().requires_grad_(False)
     setup.seed_everything(setup.rank_seed(cfg.train.seed, d.rank))  # dropout streams differ per process
-    batches = method.batch_source(setup.packed_batches(cfg, data, tokenizer, d), ctx)
+    batches = method.batch_source(training_data.packed_batches(cfg, data, tokenizer, d), ctx)
     if stage.resume_from is None and init.checkpoint is not None:  # refused here, before any record is written
         setup.carry_init_state(cfg, init, model, method, batches)
     setup.write_records(stage, cfg, setup.lineage(cfg, tokenizer, data, ctx.base_sha256, init))
@@ -52,7 +52,7 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
         log(f"replay: {cfg.data.replay.fraction:.1%} of every global batch from "
             + ", ".join(s.domain for s in data.replay_sources))
     roles = data.roles
-    evaluate_domains = setup.evaluator(cfg, data, tokenizer, d.device)
+    evaluate_domains = training_data.evaluator(cfg, data, tokenizer, d.device)
     def evaluate(model, step):  # each domain tagged target (trained on now) or reference (old data)
         return {k: {**v, "role": roles.get(k, "reference")} for k, v in evaluate_domains(model, step).items()}
     trainable = sum(p.numel() for _, p in method.trainable_params(model))
