@@ -209,6 +209,7 @@ def run_merge(cfg: MergeRecipe, out=None, resume: bool = False, quiet: bool = Fa
     """Merge the recipe's models into `out` (default runs/<name>): a plain HF model directory with
     lineage.json and merge.json. With resume, a finished merge in `out` is kept and returned."""
     from tunelab.ops import merge as ops
+    from tunelab.ops import merge_inputs
 
     log = (lambda *a: None) if quiet else (log or print)
     out = Path(out).expanduser() if out else Path("runs") / cfg.name
@@ -217,12 +218,12 @@ def run_merge(cfg: MergeRecipe, out=None, resume: bool = False, quiet: bool = Fa
             log(f"{out}: merge already done, kept")
             return out
         raise RunDirError(f"{out} already exists and is not empty: choose a new --out (nothing was changed)")
-    inputs = [ops.resolve_input(m.path, "merge-input", f"models.{i}.path") for i, m in enumerate(cfg.models)]
+    inputs = [merge_inputs.resolve_input(m.path, "merge-input", f"models.{i}.path") for i, m in enumerate(cfg.models)]
     for item, m in zip(inputs, cfg.models):
         item.weight = m.weight
-    base = ops.resolve_input(cfg.base, "base", "base") if cfg.base else None
+    base = merge_inputs.resolve_input(cfg.base, "base", "base") if cfg.base else None
     everyone = inputs + ([base] if base else [])
-    ops.unique_labels(everyone)
+    merge_inputs.unique_labels(everyone)
     options = cfg.options.model_dump()
     started = time.time()
 
@@ -232,10 +233,10 @@ def run_merge(cfg: MergeRecipe, out=None, resume: bool = False, quiet: bool = Fa
         staging = staged / ".work"  # converted adapters and candidates; the chosen one's files move up
         staging.mkdir()
         for item in everyone:
-            ops.materialize(item, staging, log)
+            merge_inputs.materialize(item, staging, log)
         files = [ops.WeightFiles(item.model_dir, item.label) for item in everyone]
-        ops.check_configs(everyone, files)
-        tokenizer = ops.check_vocabularies(everyone)
+        merge_inputs.check_configs(everyone, files)
+        tokenizer = merge_inputs.check_vocabularies(everyone)
         input_files, base_files = files[:len(inputs)], (files[-1] if base else None)
         log(f"merging {len(inputs)} models with {cfg.method}"
             + (f" onto base {base.label}" if base else "") + ": " + ", ".join(i.label for i in inputs))

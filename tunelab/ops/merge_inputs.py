@@ -1,0 +1,150 @@
+"""The models a merge reads: inputs resolved (runs, model dirs, LoRA adapters merged onto their base
+first) and the checks before any merging (configs, vocabularies token by token)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.errors import ModelError
+from tunelab.ops.safetensors_io import FLOAT_DTYPES, WeightFiles, weight_files
+
+
+
+@dataclass
+class ModelInput:
+    """One model going into a merge: what the user gave, what it resolved to, and where its weights are."""
+    given: str
+    path: Path  # a run resolved to its final/
+    role: str  # merge-input | base
+    label: str
+    weight: float | None = None
+    adapter: bool = False
+    model_dir: Path | None = None  # the directory holding config.json + safetensors weights (set by materialize)
+    info: dict = field(default_factory=dict)
+
+
+def resolve_input(given: str, role: str, field_name: str) -> ModelInput:
+    """A model directory, a tunelab run (-> its final/), a LoRA adapter, or package:NAME; a one-line error
+    for anything else. Reads only small files."""
+    from tunelab import models
+
+    path = Path(models.resolve_model_path(str(given), field_name)).expanduser()
+    if not path.exists():
+        raise ModelError(f"{field_name}: {given} does not exist; give a model directory, a tunelab run (runs/NAME) "
+                         "or a LoRA adapter directory")
+    if path.is_dir() and not (path / "config.json").is_file() and not models.is_adapter_dir(path) \
+            and (path / "final").is_dir():
+        path = path / "final"
+    adapter = models.is_adapter_dir(path)
+    if not adapter and not (path / "config.json").is_file():
+        raise ModelError(f"{field_name}: {path} is not a model directory (no config.json); give a model directory, a "
+                         "tunelab run or a LoRA adapter directory")
+    label = path.parent.name if path.name == "final" else path.name
+    return ModelInput(given=str(given), path=path, role=role, label=label, adapter=adapter)
+
+
+def unique_labels(inputs: list[ModelInput]) -> None:
+    seen: dict[str, int] = {}
+    for item in inputs:
+        n = seen.get(item.label, 0)
+        seen[item.label] = n + 1
+        if n:
+            item.label = f"{item.label}#{n + 1}"
+
+
+def materialize(item: ModelInput, work: Path, log=print) -> None:
+    """Point item.model_dir at safetensors weights: the directory itself, or for a LoRA adapter (or a model
+    saved without safetensors) a copy in `work`, loaded (adapters merged onto their base, checked against the
+    base hash recorded at training) and saved once."""
+    from tunelab import models
+
+    if not item.adapter and weight_files(item.path):
+        item.model_dir = item.path
+        return
+    what = "LoRA adapter: merging it onto its base" if item.adapter else "no safetensors weights: converting"
+    log(f"{item.label}: {what} ({item.path})")
+    if item.adapter:
+        model, base_path, base_hash = models.load_adapter(str(item.path), field=item.given, merge=True)
+        item.info["adapter_base"] = {"path": str(Path(base_path).expanduser().resolve()), "weights_sha256": base_hash}
+    else:
+        model = models.load_model(str(item.path), field=item.given)
+    target = work / f"input-{item.label.replace('#', '-')}"
+    model.save_pretrained(target, safe_serialization=True)
+    models.load_tokenizer(str(item.path), item.given).save_pretrained(target)
+    del model
+    item.model_dir = target
+
+
+# config.json fields that say nothing about the computation (checked fields: everything else).
+CONFIG_IGNORED = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash",
+                  "output_attentions", "output_hidden_states", "return_dict"}
+
+
+def check_configs(inputs: list[ModelInput], sources: list[WeightFiles]) -> None:
+    """Same architecture class, same tensors (naming the first that differs), same remaining config fields."""
+    configs = [json.loads((i.model_dir / "config.json").read_text()) for i in inputs]
+    first = inputs[0]
+    for key in ("model_type", "architectures"):
+        for item, config in zip(inputs[1:], configs[1:]):
+            if config.get(key) != configs[0].get(key):
+                raise ModelError(f"models differ: {key} is {config.get(key)} in {item.label} but {configs[0].get(key)} "
+                                 f"in {first.label}; merge models of the same architecture")
+    check_tensors(sources)
+    for item, config in zip(inputs[1:], configs[1:]):
+        for key in sorted((set(config) | set(configs[0])) - CONFIG_IGNORED):
+            if config.get(key) != configs[0].get(key):
+                raise ModelError(f"models differ: config.json {key} is {config.get(key)!r} in {item.label} but "
+                                 f"{configs[0].get(key)!r} in {first.label}; merge models of the same architecture")
+
+
+def check_vocabularies(inputs: list[ModelInput]):
+    """Every tokenizer maps the same ids to the same tokens (vocab_policy: error); returns the first one."""
+    from tunelab import models
+
+    tokenizers = [models.load_tokenizer(str(i.model_dir), i.label) for i in inputs]
+    first, ref = inputs[0], tokenizers[0]
+    ref_print = models.tokenizer_fingerprint(ref)
+    ref_tokens = None
+    for item, tok in zip(inputs[1:], tokenizers[1:]):
+        if models.tokenizer_fingerprint(tok) == ref_print:
+            continue
+        ref_tokens = ref_tokens or ref.convert_ids_to_tokens(list(range(len(ref))))
+        tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+        where = "merge models that share one tokenizer (vocab_policy: error)"
+        for i, (a, b) in enumerate(zip(ref_tokens, tokens)):
+            if a != b:
+                raise ModelError(f"vocabularies differ: token {i} is {b!r} in {item.label} but {a!r} in {first.label}; "
+                                 f"{where}")
+        if len(tokens) != len(ref_tokens):
+            raise ModelError(f"vocabularies differ: {item.label} has {len(tokens)} tokens, {first.label} "
+                             f"{len(ref_tokens)}; {where}")
+        specials = (sorted(tok.all_special_tokens), sorted(ref.all_special_tokens))
+        if specials[0] != specials[1]:
+            raise ModelError(f"vocabularies differ: special tokens {specials[0]} in {item.label} but {specials[1]} "
+                             f"in {first.label}; {where}")
+    return ref
+
+
+def check_tensors(sources: list[WeightFiles]) -> list[str]:
+    """The tensor names every model has (sorted); a one-line error naming the first tensor that differs."""
+    first = sources[0]
+    for other in sources[1:]:
+        if other.keys() != first.keys():
+            extra = sorted(other.keys() - first.keys())
+            key = extra[0] if extra else sorted(first.keys() - other.keys())[0]
+            has, lacks = (other, first) if extra else (first, other)
+            hint = (" (one stores a separate LM head, the other ties it to the embedding: tie_word_embeddings "
+                    "differs)" if "lm_head" in key or "embed" in key else "")
+            raise ModelError(f"models differ: {has.label} has tensor {key} that {lacks.label} lacks{hint}; merge "
+                             "models of the same architecture")
+    for key in sorted(first.keys()):
+        for other in sources[1:]:
+            if other.shape(key) != first.shape(key):
+                raise ModelError(f"models differ: tensor {key} is {other.shape(key)} in {other.label} but "
+                                 f"{first.shape(key)} in {first.label}; merge models of the same architecture")
+            if (other.dtype(key) in FLOAT_DTYPES) != (first.dtype(key) in FLOAT_DTYPES):
+                raise ModelError(f"models differ: tensor {key} is {other.dtype(key)} in {other.label} but "
+                                 f"{first.dtype(key)} in {first.label}")
+    return sorted(first.keys())
