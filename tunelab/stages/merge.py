@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tunelab.config import MergeRecipe, RECIPES_DIR, apply_overrides, did_you_mean, read_yaml, validate
+from tunelab.config import MergeRecipe, RECIPES_DIR, apply_overrides, read_yaml, resolve_recipe_path, validate
 from tunelab.errors import ConfigError, RunDirError
 
 DEFAULT_EVAL = ["builtin:prose", "builtin:code", "builtin:tests"]
@@ -34,24 +34,9 @@ MODEL_FILES = ("config.json", "generation_config.json")
 MERGE_RECIPES_DIR = RECIPES_DIR / "merges"  # shipped merge recipes (apart: the training recipes' tests run every *.yaml)
 
 
-def merge_recipe_path(name_or_path: str | Path) -> Path:
-    """A YAML file, or the name of a shipped merge recipe (recipes/merges/NAME.yaml)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = MERGE_RECIPES_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    if (RECIPES_DIR / f"{name_or_path}.yaml").is_file():
-        return RECIPES_DIR / f"{name_or_path}.yaml"  # a training recipe: refused by its kind
-    names = sorted(p.stem for p in MERGE_RECIPES_DIR.glob("*.yaml"))
-    raise ConfigError(f"{name_or_path}: no such recipe file{did_you_mean(path.stem, names)}; shipped merge recipes: "
-                      f"{', '.join(names)}")
-
-
 def load_merge_recipe(recipe: str | Path, overrides: list[str] | None = None) -> MergeRecipe:
     """A merge recipe file (or shipped merge recipe name) with --set overrides, validated."""
-    path = merge_recipe_path(recipe)
+    path = resolve_recipe_path(recipe, "merges")
     return validate_merge(apply_overrides(MergeRecipe.expand_shorthands(read_yaml(path)), list(overrides or [])),
                           str(path))
 
