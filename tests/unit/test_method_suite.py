@@ -26,6 +26,8 @@ from tunelab.stages import run_stage
 
 METHOD_NAMES = sorted(tunelab.methods.METHODS)
 SEQ = 32
+# Options a method needs to run on the suite's plain base model (no options: its defaults).
+SUITE_OPTIONS = {"masked": {"sparsity": 0.5}}  # no masks.safetensors in the base: prune by magnitude first
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def write_recipe(path: Path, corpus: Path, base: Path, method: str, **train) -> 
         "name": f"suite-{method}",
         "model": {"path": str(base)},
         "data": {"train": str(corpus), "seq_len": SEQ},
-        "method": {"name": method},
+        "method": {"name": method, "options": SUITE_OPTIONS.get(method, {})},
         "train": {"max_steps": 6, "micro_batch_size": 4, "lr": 1e-2, "weight_decay": 0.0, "log_every": 1,
                   "eval_every": 0, "eval_max_tokens": 256, "checkpoint_every": 3, "keep_checkpoints": 3,
                   "precision": "fp32", "schedule": {"name": "constant"}, **train},
@@ -114,7 +116,14 @@ def test_method_trains_only_its_parameters_and_saves_what_it_trained(tmp_path, c
         else:
             assert torch.equal(p.detach(), before[name]), f"{method}: frozen {name} changed"
             assert not p.requires_grad, f"{method}: {name} requires grad but is not handed to the optimizer"
-    if method != "full":  # a parameter-efficient method trains a small part of the model
+    if method == "masked":  # every pruned weight is 0 before training and still exactly 0 after it
+        masks = captured["method"].masks
+        assert masks and all(m.dtype == torch.bool for m in masks.values())
+        for name, mask in masks.items():
+            assert int((~mask).sum()) == round(0.5 * mask.numel()), name
+            assert torch.all(before[name][~mask] == 0) and torch.all(after[name].detach()[~mask] == 0), name
+            assert torch.all(after[name].detach()[mask] != before[name][mask]), f"{name}: kept weights did not train"
+    elif method != "full":  # a parameter-efficient method trains a small part of the model
         n_trainable = sum(after[n].numel() for n in trainable)
         assert n_trainable < 0.5 * sum(p.numel() for p in after.values())
 

@@ -9,8 +9,9 @@ from tunelab.config.base import Section, did_you_mean
 from tunelab.config.loading import (RECIPE_KINDS, RECIPES_DIR, YamlLoader, apply_overrides, dump_config,
                                     expand_shorthands, format_validation_error, load_recipe, load_yaml,
                                     parse_override, read_yaml, resolve_recipe_path, validate, validate_recipe)
-from tunelab.config.ops import (MERGE_METHODS, MERGE_NEEDS_BASE, MergeEval, MergeInput, MergeOptions,
-                                MergeRecipe, MergeSweep)
+from tunelab.config.ops import (MERGE_METHODS, MERGE_NEEDS_BASE, PRUNE_METHODS, STRUCTURED, UNSTRUCTURED,
+                                Calibration, Lottery, MergeEval, MergeInput, MergeOptions, MergeRecipe,
+                                MergeSweep, PruneRecipe)
 from tunelab.config.training import (DataConfig, FinetuneRecipe, MethodConfig, MixturePhase, ModelConfig,
                                      PretrainRecipe, RecipeConfig, ReplayConfig, ScheduleConfig, SourceSpec,
                                      TokenizerConfig, TrainConfig, TrainingRecipe, _as_source_list)
@@ -18,6 +19,7 @@ from tunelab.config.training import (DataConfig, FinetuneRecipe, MethodConfig, M
 __all__ = ["Section", "did_you_mean", "RECIPE_KINDS", "RECIPES_DIR", "YamlLoader", "apply_overrides", "dump_config",
            "expand_shorthands", "format_validation_error", "load_recipe", "load_yaml", "parse_override",
            "read_yaml", "resolve_recipe_path", "validate", "validate_recipe", "MERGE_METHODS", "MERGE_NEEDS_BASE",
-           "MergeEval", "MergeInput", "MergeOptions", "MergeRecipe", "MergeSweep", "DataConfig", "FinetuneRecipe",
+           "MergeEval", "MergeInput", "MergeOptions", "MergeRecipe", "MergeSweep", "PRUNE_METHODS", "STRUCTURED",
+           "UNSTRUCTURED", "Calibration", "Lottery", "PruneRecipe", "DataConfig", "FinetuneRecipe",
            "MethodConfig", "MixturePhase", "ModelConfig", "PretrainRecipe", "RecipeConfig", "ReplayConfig",
            "ScheduleConfig", "SourceSpec", "TokenizerConfig", "TrainConfig", "TrainingRecipe", "_as_source_list"]

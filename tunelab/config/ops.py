@@ -170,3 +170,107 @@ class MergeRecipe(Section):
 
     def data_sources(self) -> list[SourceSpec]:
         return list(self.eval.data or [])
+
+
+# ---------------------------------------------------------------- prune recipes (kind: prune)
+
+UNSTRUCTURED = ("magnitude", "wanda")  # zero single weights; masks keep them 0 in later training
+STRUCTURED = ("heads", "ffn", "layers")  # remove whole units: a smaller HF model
+PRUNE_METHODS = (*UNSTRUCTURED, *STRUCTURED, "imp")  # imp: iterative magnitude pruning with rewinding
+
+
+class Calibration(Section):
+    """Text the pruning criterion reads (wanda; structured pruning with criterion: loss)."""
+    # null: the sources the model (and its ancestors) trained on, else builtin:prose; always their training
+    # split, so the held-out split the evaluation scores stays unseen.
+    data: list[SourceSpec] | None = None
+    seq_len: int = Field(128, ge=8)
+    max_tokens: int = Field(16384, ge=8)
+
+    _to_list = field_validator("data", mode="before")(lambda v: None if v is None else _as_source_list(v))
+
+
+class Lottery(Section):
+    """method: imp. Train, prune `rate` of the remaining weights, rewind the survivors, repeat."""
+    train: str  # a training recipe (path or shipped name): the dense network and how every round trains
+    rounds: int = Field(3, ge=1, le=50)
+    rewind: str = "init"  # init (the weights before training) or step-K (a checkpoint of the dense run)
+    random_ticket: bool = False  # also train the final round's per-layer sparsity with a random mask
+    set: list[str] = Field(default_factory=list)  # --set style overrides of the training recipe
+
+    @field_validator("rewind")
+    @classmethod
+    def _rewind(cls, v: str) -> str:
+        if v != "init" and not (v.startswith("step-") and v[5:].isdigit() and int(v[5:]) > 0):
+            raise ValueError(f"{v!r}: give init or step-K (K > 0: a step of the dense run, e.g. step-20)")
+        return v
+
+
+class PruneRecipe(Section):
+    """kind: prune: a saved model in, a pruned HF model directory out (with masks, a sparsity report,
+    size / speed / quality before and after, and lineage)."""
+    kind: Literal["prune"] = "prune"
+    name: str = "prune"
+    model: str | None = None  # a model directory, a tunelab run (its final/) or package:NAME (not for imp)
+    method: str = "magnitude"
+    sparsity: float | None = None  # share pruned: of the weights (unstructured, imp), of the units (structured)
+    count: int | None = Field(None, ge=1)  # structured: heads / neurons per layer, or layers, to remove
+    scope: Literal["layer", "global", "row"] | None = None  # magnitude: layer (default) | global; wanda: row
+    targets: list[str] | None = None  # regexes of weight names to prune; null: the blocks' linear layers
+    criterion: Literal["magnitude", "loss"] = "magnitude"  # structured: weight norms, or calibration loss
+    calibration: Calibration = Field(default_factory=Calibration)
+    eval: MergeEval = Field(default_factory=MergeEval)  # before/after scores: the merge stage's evaluation
+    lottery: Lottery | None = None
+    seed: int = 0  # the random ticket's mask
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PruneRecipe":
+        m = self.method
+        if m not in PRUNE_METHODS:
+            raise ValueError(f"method: unknown pruning method {m!r}{did_you_mean(m, PRUNE_METHODS)}; "
+                             f"known: {', '.join(PRUNE_METHODS)}")
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity: {self.sparsity} is outside [0, 1); give the share to prune, e.g. 0.5")
+        if m == "imp":
+            if self.lottery is None:
+                raise ValueError("lottery: method imp needs lottery.train (a training recipe) and lottery.rounds")
+            if self.model is not None:
+                raise ValueError("model: method imp trains its own dense model from lottery.train; remove model")
+        elif self.lottery is not None:
+            raise ValueError(f"lottery: only method imp uses it (this is {m})")
+        elif self.model is None:
+            raise ValueError("model: give the model to prune (a model directory, a run, or package:NAME)")
+        if m in STRUCTURED:
+            if (self.sparsity is None) == (self.count is None):
+                raise ValueError(f"sparsity: method {m} removes either a share (sparsity) or a number (count) of "
+                                 "units: give exactly one")
+            if self.scope is not None or self.targets is not None:
+                raise ValueError(f"{'scope' if self.scope else 'targets'}: method {m} removes whole units "
+                                 "(no scope or targets)")
+        else:
+            if self.count is not None:
+                raise ValueError(f"count: method {m} prunes single weights; use sparsity (count is for heads, ffn, "
+                                 "layers)")
+            if self.sparsity is None:
+                raise ValueError(f"sparsity: method {m} needs the share of weights to prune (e.g. 0.5)")
+            if self.criterion != "magnitude":
+                raise ValueError(f"criterion: method {m} has its own criterion (criterion is for heads, ffn, layers)")
+            allowed = {"magnitude": ("layer", "global"), "imp": ("layer", "global"), "wanda": ("row", "layer")}[m]
+            if self.scope is None:
+                self.scope = allowed[0]
+            elif self.scope not in allowed:
+                raise ValueError(f"scope: method {m} prunes per {' or '.join(allowed)} (got {self.scope})")
+        return self
+
+    @staticmethod
+    def expand_shorthands(data: dict) -> dict:
+        for section in ("eval", "calibration"):
+            if isinstance(data.get(section), dict) and isinstance(data[section].get("data"), (str, list)):
+                data[section]["data"] = _as_source_list(data[section]["data"])
+        return data
+
+    def model_paths(self) -> list[str]:
+        return [self.model] if self.model else []
+
+    def data_sources(self) -> list[SourceSpec]:
+        return list(self.eval.data or []) + list(self.calibration.data or [])

@@ -14,6 +14,7 @@ METHODS: dict[str, str] = {
     "full": "tunelab.methods.full:Full",
     "bitfit": "tunelab.methods.bitfit:BitFit",
     "lora": "tunelab.methods.lora:LoRA",
+    "masked": "tunelab.methods.masked:Masked",
 }
 
 

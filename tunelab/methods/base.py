@@ -58,6 +58,7 @@ class MethodContext:
     run_path: Path | None = None
     log: Callable = print
     base_sha256: str | None = None  # hash of the starting weights (before prepare)
+    model_dir: Path | None = None  # the directory the starting weights came from (None: a fresh preset)
 
 
 @dataclass

@@ -14,6 +14,7 @@ STAGES: dict[str, str] = {
     "pretrain": "tunelab.stages.train:run_training",
     "finetune": "tunelab.stages.train:run_training",
     "merge": "tunelab.stages.merge:run_merge",
+    "prune": "tunelab.stages.prune:run_prune",
 }
 
 

@@ -33,7 +33,11 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     data = stage.rank0_first(lambda: training_data.build_data(cfg, tokenizer, stage.cache, log, init))
 
     ctx = MethodContext(device=d.device, dist=d, recipe=cfg, tokenizer=tokenizer, max_steps=cfg.train.max_steps,
-                        seed=cfg.train.seed, run_path=run.path, log=log, base_sha256=models.weights_sha256(model))
+                        seed=cfg.train.seed, run_path=run.path, log=log, base_sha256=models.weights_sha256(model),
+                        model_dir=init.model_dir)
+    if init.model_dir and (Path(init.model_dir) / "masks.safetensors").is_file() and cfg.method.name != "masked":
+        log(f"warning: {init.model_dir} is pruned (masks.safetensors) and method {cfg.method.name} does not keep "
+            "its pruned weights at 0; use method: masked to keep the sparsity")
     model = method.prepare(model, ctx).to(d.device)
     for aux in method.aux_models().values():  # a teacher or reference: on our device, frozen, in eval mode
         aux.module.to(d.device).eval().requires_grad_(False)
@@ -58,6 +62,9 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     trainable = sum(p.numel() for _, p in method.trainable_params(model))
     log(f"model: {models.count_params(model):,} parameters, {trainable:,} trainable ({method.name}); "
         f"run directory: {run.path}")
+    if not stage.resuming:  # for reports: the sizes, and (its time) when the loop started
+        run.log({"event": "model", "parameters": models.count_params(model), "trainable": trainable,
+                 "method": method.name})
 
     progress = ProgressBar(enabled=d.main and not quiet)
     try:
