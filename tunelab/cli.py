@@ -55,22 +55,49 @@ def finetune(recipe: str = typer.Argument(..., help=RECIPE_HELP),
 
 
 @app.command("eval")
-def eval_(model_dir: str = typer.Argument(..., help="A saved model or adapter directory (e.g. runs/NAME/final)."),
-          data: list[str] = typer.Option([], "--data", help="Source to evaluate (repeatable); default: all built-in domains."),
+def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
+                                                help="Saved model or adapter directories (e.g. runs/NAME/final)."),
+          data: list[str] = typer.Option([], "--data", help="Source to evaluate (repeatable); default: all built-in "
+                                         "domains, unless only --task / --generation is asked for."),
           seq_len: int = typer.Option(256, "--seq-len"),
           max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens per domain."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           split: str = typer.Option("auto", "--split", help="auto: a source the model or an ancestor trained on "
                                     "is scored on its held-out split, any other whole; or held-out | whole."),
           base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+          relative_to: Optional[str] = typer.Option(None, "--relative-to", help="A base model directory: every "
+                                                    "model's change against it per domain and task."),
+          metric: str = typer.Option("loss", "--metric", help="loss | bpb: the value in the table of several models."),
+          task: list[str] = typer.Option([], "--task", help="Multiple-choice task (repeatable): a JSONL file of "
+                                         "{context, choices, answer} lines, or builtin:stdlib-module."),
+          generation: bool = typer.Option(False, "--generation", help="Greedy and sampled continuations of held-out "
+                                          "prompts: repetition, distinct-n, entropy."),
+          prompts: int = typer.Option(8, "--prompts", min=1, help="--generation: prompts per source."),
+          prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=1, help="--generation: tokens per prompt."),
+          max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, help="--generation: tokens generated."),
+          seed: int = typer.Option(0, "--seed", help="Sampling and bootstrap seed."),
           quiet: bool = typer.Option(False, "--quiet")):
-    """Loss, perplexity and bits per byte of a model on each data domain (a source the model or an ancestor
-    trained on: its held-out split; any other source: all of it)."""
-    from tunelab.evaluate import evaluate_model
+    """Loss, perplexity and bits per byte of models on each data domain (a source the model or an ancestor
+    trained on: its held-out split; any other source: all of it); with several models or --relative-to, one
+    table with each model's change against the base; multiple-choice tasks; generation quality."""
+    from tunelab.evaluate import evaluate_model, evaluate_suite, render_suite
 
     _no_transformers_bars()
+    log = (lambda *a: None) if (quiet or as_json) else _stderr
+    if len(model_dirs) > 1 or relative_to or task or generation:
+        options = {"sources": data or DEFAULT_EVAL, "prompts": prompts, "prompt_tokens": prompt_tokens,
+                   "max_new_tokens": max_new_tokens} if generation else None
+        result = evaluate_suite(model_dirs, data or (None if task or generation else DEFAULT_EVAL), tasks=task,
+                                generation=options, relative_to=relative_to, metric=metric, seq_len=seq_len,
+                                max_tokens=max_tokens, split=split, base=base, seed=seed, log=log)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            render_suite(result)
+        return
+    model_dir = model_dirs[0]
     results = evaluate_model(model_dir, data or DEFAULT_EVAL, seq_len=seq_len, max_tokens=max_tokens, base=base, split=split,
-                             log=(lambda *a: None) if (quiet or as_json) else _stderr)
+                             log=log)
     if as_json:
         print(json.dumps(results, indent=2))
         return
@@ -157,6 +184,77 @@ def compare(runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run dire
 
 
 @app.command()
+def analyze(base: str = typer.Argument(..., metavar="BASE", help="The model it was tuned from: a model directory, a run or "
+                                       "package:NAME."),
+            tuned: str = typer.Argument(..., metavar="TUNED", help="The fine-tune: a model directory, a run (its final/) or a LoRA "
+                                        "adapter (merged onto BASE)."),
+            top_k: int = typer.Option(10, "--top-k", min=1, help="Intruders: how many of the tuned matrix's top "
+                                      "singular vectors are checked."),
+            threshold: float = typer.Option(0.5, "--threshold", help="Intruders: a top singular vector whose "
+                                            "|cos| with every base singular vector is below this."),
+            limit: int = typer.Option(20, "--limit", min=0, help="Table rows (0: all)."),
+            as_json: bool = typer.Option(False, "--json", help="Print every tensor's row and the totals as JSON."),
+            quiet: bool = typer.Option(False, "--quiet")):
+    """Weight-space analysis of a fine-tune against its base: changed and trainable parameters, per-matrix
+    update norm, rank and effective rank of the update, unchanged share, intruder dimensions."""
+    from tunelab.analyze import analyze as run_analysis
+    from tunelab.analyze import render_analysis
+
+    _no_transformers_bars()
+    result = run_analysis(base, tuned, top_k=top_k, threshold=threshold,
+                          log=(lambda *a: None) if (quiet or as_json) else _stderr)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        render_analysis(result, limit=limit)
+
+
+@app.command()
+def report(runs: list[str] = typer.Argument(..., metavar="RUN_OR_GLOB...",
+                                            help="Run directories, folders of runs (a pipeline's output) or globs."),
+           out: Path = typer.Option(Path("report.html"), "-o", "--out", help="The HTML file to write."),
+           title: Optional[str] = typer.Option(None, "--title", help="Page title (default: the runs' names)."),
+           tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Also write the metrics as "
+                                                      "TensorBoard scalars under this folder (needs tensorboard).")):
+    """One static HTML page across runs: curves by step or tokens, LR, forgetting, final evals, lineage graph,
+    each run's config; no server, nothing fetched."""
+    from tunelab.report import write_report, write_tensorboard
+
+    print(write_report(runs, out, title=title))
+    if tensorboard is not None:
+        written = write_tensorboard(runs, tensorboard)
+        if written is not None:
+            print(f"tensorboard: {written}  (tensorboard --logdir {written})")
+
+
+@app.command()
+def scaling(runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run directories of one family "
+                                             "(different sizes and/or token counts)."),
+            form: str = typer.Option("lc", "--form", help="lc: L(C) = E + A*C^-b with C = 6ND; ln: the Chinchilla "
+                                     "form L(N, D) = E + A/N^alpha + B/D^beta."),
+            no_floor: bool = typer.Option(False, "--no-floor", help="lc: fit L = A*C^-b (no irreducible loss E)."),
+            domain: Optional[str] = typer.Option(None, "--domain", help="Domain whose final eval is L (default: "
+                                                 "the one every run trained on)."),
+            metric: str = typer.Option("loss", "--metric", help="loss | bpb"),
+            params: str = typer.Option("total", "--params", help="N: total | non-embedding parameters."),
+            svg: Optional[Path] = typer.Option(None, "--svg", help="Write the plot (points, fit, extrapolation) here."),
+            as_json: bool = typer.Option(False, "--json", help="Print the points and fit as JSON.")):
+    """Fit a scaling law over runs (N = parameters, D = tokens trained, L = final eval) and print the fitted
+    exponents with 95% confidence intervals and the extrapolated loss at 10x and 100x the compute."""
+    from tunelab.eval.scaling import render_fit, scaling_fit, svg_plot
+
+    result = scaling_fit(runs, form=form, domain=domain, metric=metric, params=params, floor=not no_floor)
+    if svg is not None:
+        svg.write_text(svg_plot(result))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        render_fit(result)
+        if svg is not None:
+            print(f"plot: {svg}")
+
+
+@app.command()
 def average(run: Path = typer.Argument(..., help="A run directory with checkpoints/ (full weights, not adapters)."),
             out: Path = typer.Option(..., "--out", help="New directory to write (must not exist, or be empty)."),
             last: Optional[int] = typer.Option(None, "--last", min=1, help="Average the last K intact checkpoints "
@@ -196,6 +294,38 @@ def merge(args: list[str] = typer.Argument(..., metavar="RECIPE | MODEL_DIR...",
     cfg = cli_recipe(args, method=method, base=base, weights=weights, density=density, seed=seed, data=data,
                      overrides=set_, name=out.name if out else None)
     print(run_merge(cfg, out=out, quiet=quiet, log=_stderr))
+
+
+@app.command()
+def prune(target: str = typer.Argument(..., metavar="RECIPE | MODEL_DIR",
+                                       help="A prune recipe (YAML file or shipped name), or the model to prune: a "
+                                            "model directory, a run (its final/) or a LoRA adapter."),
+          method: Optional[str] = typer.Option(None, "--method", help="magnitude (default), wanda, heads, ffn, layers "
+                                               "(imp: lottery tickets, recipe only)."),
+          sparsity: Optional[float] = typer.Option(None, "--sparsity", help="Share pruned, in [0, 1): of the weights "
+                                                   "(magnitude, wanda), of the heads / neurons per layer, or of the layers."),
+          count: Optional[int] = typer.Option(None, "--count", help="heads / ffn: units removed per layer; layers: "
+                                              "layers removed (instead of --sparsity)."),
+          criterion: Optional[str] = typer.Option(None, "--criterion", help="heads, ffn, layers: magnitude (default) "
+                                                  "or loss (on calibration data)."),
+          scope: Optional[str] = typer.Option(None, "--scope", help="magnitude: layer (default) or global; wanda: row "
+                                              "(default) or layer."),
+          data: list[str] = typer.Option([], "--data", help="Calibration and evaluation source (repeatable); default: "
+                                         "what the model trained on."),
+          set_: list[str] = typer.Option([], "--set", help="Override a recipe value, e.g. --set sparsity=0.7."),
+          out: Optional[Path] = typer.Option(None, "--out", help="New directory for the pruned model (default "
+                                             "runs/<name>)."),
+          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted lottery (imp) in --out."),
+          quiet: bool = typer.Option(False, "--quiet")):
+    """Prune a model: unstructured (magnitude, Wanda; masks keep the zeros through later training with method
+    masked), structured (heads, FFN neurons, layers: a smaller HF model), or lottery tickets (imp, a recipe).
+    Prints a sparsity report and size, speed and held-out loss before and after."""
+    from tunelab.stages.prune import cli_recipe, run_prune
+
+    _no_transformers_bars()
+    cfg = cli_recipe(target, method=method, sparsity=sparsity, count=count, data=data, criterion=criterion,
+                     scope=scope, overrides=set_, name=out.name if out else None)
+    print(run_prune(cfg, out=out, resume=resume, quiet=quiet, log=_stderr))
 
 
 @app.command()

@@ -141,6 +141,7 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
     log = (lambda *a: None) if quiet else print
     outputs: dict[str, Path] = {}  # stage name -> its final model directory, or eval.json
     keys: dict[str, str] = {}
+    targets: dict[str, str] = {}  # stage name -> its resolved target (for the report: what an eval stage scored)
 
     for stage in spec.stages:
         used: set[str] = set()
@@ -177,6 +178,7 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
         record = stage_dir / "stage.json"
         done = record.is_file() and json.loads(record.read_text()).get("status") == "done"
         outputs[stage.name] = stage_dir / ("eval.json" if stage.kind == EVAL_KIND else "final")
+        targets[stage.name] = resolved["target"]
         if done and outputs[stage.name].exists():
             log(f"[{stage.name}] up to date, skipped ({stage_dir})")
             continue
@@ -196,8 +198,25 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
             run_stage(cfg, out=stage_dir if trains else outputs[stage.name],
                       resume=started and (not trains or (stage_dir / "config.yaml").exists()), quiet=quiet)
         atomic_write(record, json.dumps({"key": key, "kind": stage.kind, "upstream": upstream, "status": "done"}))
-    log(f"pipeline {spec.name}: {len(spec.stages)} stages, outputs in {root}")
+    report = _report(spec, outputs, targets, root, log)
+    log(f"pipeline {spec.name}: {len(spec.stages)} stages, outputs in {root}; report: {report}")
     return outputs
+
+
+def _report(spec: Pipeline, outputs: dict[str, Path], targets: dict[str, str], root: Path, log) -> Path:
+    """<root>/report.html over every stage: training runs, model operations' outputs, eval stages' scores."""
+    from tunelab.report import write_report
+    from tunelab.report.collect import EvalStage
+
+    runs, evals = [], []
+    for stage in spec.stages:
+        out = outputs[stage.name]
+        if stage.kind == EVAL_KIND:
+            evals.append(EvalStage(stage.name, json.loads(out.read_text()), model=targets[stage.name]))
+        else:
+            runs.append(out.parent if _trains(stage.kind) else out)
+    return write_report(runs, root / "report.html", title=f"pipeline {spec.name}", eval_stages=evals,
+                        warn=lambda message: log(f"warning: {message}"))
 
 
 def _trains(kind: str) -> bool:

@@ -2,8 +2,9 @@
 
 Trains a tokenizer, pretrains a small model on builtin:prose, evaluates it on every built-in
 domain, generates a sample; then continues it on builtin:code twice (recipes cpt-rewarm and
-cpt-replay: without and with 5% prose replay) and prints the forgetting table of the two. Later
-stages (fine-tuning, merging, the report) extend this same lifecycle.
+cpt-replay: without and with 5% prose replay), prints the forgetting table of the two and their
+accuracy on a built-in multiple-choice task, and writes the HTML report of all three beside them
+(<out>-report.html).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
 
     from tunelab.compare import forgetting_table, render_table
     from tunelab.evaluate import generate_text
+    from tunelab.report import write_report
+    from tunelab.runs import RunDir
     from tunelab.stages import run_stage
     from tunelab.runs import read_metrics
 
@@ -38,6 +41,7 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
     prompt = "Return the number of"
     sample = generate_text(str(run_dir / "final"), prompt, max_new_tokens=48, seed=cfg.train.seed)
     console.print(f"[bold]sample[/bold] ({prompt!r} ->)\n{sample}")
+    RunDir(run_dir).log({"event": "sample", "step": final_step, "prompt": prompt, "text": sample})  # for the report
     console.print(f"\nrun directory: [bold]{run_dir}[/bold]  (config.yaml, metrics.jsonl, lineage.json, "
                   f"checkpoints/, final/)")
 
@@ -49,6 +53,16 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
         console.print(f"\n[bold]continued pretraining on code[/bold] ({recipe}) -> {out_cpt}")
         continued.append(run_stage(cpt, out=out_cpt, resume=(out_cpt / "config.yaml").exists(), quiet=quiet))
     render_table(forgetting_table(continued), console=console)
+    # A multiple-choice task built from the stdlib ("which module defines this function?"): accuracy with a
+    # bootstrap interval, and each continued model's paired change against the prose model.
+    from tunelab.evaluate import evaluate_suite, render_suite
+
+    render_suite(evaluate_suite([str(r / "final") for r in continued], tasks=["builtin:stdlib-module"],
+                                relative_to=str(run_dir / "final"), seed=cfg.train.seed, log=lambda *a: None),
+                 console=console)
+    report = write_report([run_dir, *continued], run_dir.parent / f"{run_dir.name}-report.html",
+                          title=f"tunelab quickstart: {run_dir.name}", warn=lambda m: console.print(f"warning: {m}", markup=False))
+    console.print(f"report: [bold]{report}[/bold]  (open it in a browser)", soft_wrap=True)
     console.print(f"next: tunelab eval {run_dir}/final --data builtin:code   |   "
                   f"tunelab generate {run_dir}/final --prompt 'def '   |   tunelab compare {' '.join(map(str, continued))}")
     return run_dir

@@ -81,17 +81,26 @@ def open_run_dir(path: Path, resume: bool, main: bool = True) -> RunDir:
     return run
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Events in order; after a resume, re-run steps replace the ones logged before the crash."""
+def read_metrics(path: Path, warn=None) -> list[dict]:
+    """Events in order; after a resume, re-run steps replace the ones logged before the crash.
+
+    A line that is not JSON (the last line of a killed run may be cut short) is skipped; `warn`, if
+    given, is called with a one-line message naming the file and line."""
     events: list[dict] = []
     if not Path(path).is_file():
         return events
-    for line in Path(path).read_text().splitlines():
+    lines = Path(path).read_text().splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             event = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a killed run may be cut short
+        except json.JSONDecodeError:
+            if warn is not None:
+                where = "its last line, cut short (a run killed mid-write?)" if number == len(lines) else f"line {number}"
+                warn(f"{path}: {where} is not valid JSON: ignored")
+            continue
+        if not isinstance(event, dict):
             continue
         if event.get("event") == "resume":
             events = [e for e in events if e.get("step", 0) <= event["step"] or "step" not in e]
@@ -208,9 +217,20 @@ def _lineage_files(model_dir: Path) -> list[Path]:
 
 
 def _ancestor_records(model_dir: str | Path, max_depth: int = 32):
-    """lineage.json records of the model and every model it descends from, nearest first.
+    """lineage.json records of the model and every model it descends from, nearest first."""
+    for _, record in lineage_records(model_dir, max_depth):
+        yield record
 
-    Walks the chain of parents (runs, exports, adapters' bases, checkpoints)."""
+
+def lineage_dir(model_dir: str | Path) -> Path | None:
+    """The directory whose lineage.json describes a model directory (itself, its run, a checkpoint's run)."""
+    found = _lineage_files(Path(model_dir).expanduser())
+    return found[0].parent if found else None
+
+
+def lineage_records(model_dir: str | Path, max_depth: int = 32):
+    """(directory holding lineage.json, its record) for the model and every model it descends from,
+    nearest first. Walks the chain of parents (runs, exports, adapters' bases, checkpoints, merge inputs)."""
     seen_dirs: set[str] = set()
     todo = [Path(model_dir).expanduser()]
     while todo and len(seen_dirs) < max_depth:
@@ -224,7 +244,7 @@ def _ancestor_records(model_dir: str | Path, max_depth: int = 32):
                 record = json.loads(file.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            yield record
+            yield file.parent, record
             parents = record.get("parents") or ([record["parent"]] if record.get("parent") else [])
             todo += [Path(p["path"]) for p in parents if isinstance(p, dict) and p.get("path")]
 

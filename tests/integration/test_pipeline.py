@@ -43,6 +43,10 @@ def test_stage_keys_skip_rerun_and_never_overwrite(tmp_path):
     lineage = json.loads((root / "tuned" / "lineage.json").read_text())
     assert lineage["stage"] == "finetune" and lineage["parents"][0]["path"] == str((root / "base" / "final").resolve())
     first_weights = (root / "base" / "final" / "model.safetensors").read_bytes()
+    report = (root / "report.html").read_text()  # every stage, and the lineage edges between them
+    assert ">base</a>" in report and ">tuned</a>" in report
+    assert f'data-src="{(root / "base").resolve()}" data-dst="{(root / "tuned").resolve()}"' in report
+    assert f'data-src="{(root / "tuned").resolve()}" data-dst="eval:score"' in report
 
     # Unchanged: everything is skipped (nothing re-trained: the run directories are untouched).
     stamp = (root / "tuned" / "metrics.jsonl").stat().st_mtime_ns

@@ -108,6 +108,11 @@ def test_quickstart_offline(tmp_path):
     assert "sample" in out
     events = read_metrics(tmp_path / "qs" / "metrics.jsonl")
     assert {e["domain"] for e in events if e["event"] == "eval"} == {"prose", "code", "tests"}
+    report = tmp_path / "qs-report.html"  # the HTML report of the three runs, its path printed
+    assert f"report: {report}" in out and report.is_file()
+    page = report.read_text()
+    assert all(f">{name}</a>" in page for name in ("qs", "qs-code", "qs-code-replay"))
+    assert "<b>Return the number of</b>" in page  # the sample, recorded as a sample event
 
 
 @pytest.mark.slow
@@ -129,3 +134,47 @@ def test_eval_and_generate_cli(toy_base, corpus_dir):
     assert gen.stdout.startswith("the model")
     again = run_cli("generate", str(final), "--prompt", "the model", "--max-new-tokens", "8", "--greedy")
     assert again.stdout == gen.stdout  # greedy decoding is deterministic
+
+
+def test_every_shipped_prune_recipe_validates():
+    from tunelab.config import validate_recipe
+    from tunelab.stages.prune import PRUNE_RECIPES_DIR, load_prune_recipe
+
+    names = sorted(p.stem for p in PRUNE_RECIPES_DIR.glob("*.yaml"))
+    assert {"prune-wanda", "prune-ffn", "lottery"} <= set(names)
+    for name in names:
+        cfg = load_prune_recipe(name)
+        if cfg.method == "imp":  # its training recipe, with the lottery's overrides, is a valid dense run
+            from tunelab.config import apply_overrides, expand_shorthands, read_yaml, resolve_recipe_path
+
+            data = apply_overrides(expand_shorthands(read_yaml(resolve_recipe_path(cfg.lottery.train))),
+                                   list(cfg.lottery.set))
+            assert validate_recipe(data, name).method.name == "full"
+
+
+@pytest.mark.slow
+def test_shipped_prune_pipeline_at_toy_scale(tmp_path):
+    """prune-and-recover: pretrain, Wanda -> masked recovery (sparsity kept), FFN shrink -> LoRA recovery."""
+    import torch
+    from safetensors.torch import load_file
+
+    spec = yaml.safe_load((RECIPES_DIR / "pipelines" / "prune-and-recover.yaml").read_text())
+    for stage in spec["stages"]:
+        if "eval" in stage:
+            stage.update(seq_len=32, max_tokens=2048)
+        if "prune" in stage:  # toy scale for the prune stages' own calibration and scoring
+            stage["set"].update({"calibration.seq_len": 32, "calibration.max_tokens": 512,
+                                 "eval.seq_len": 32, "eval.max_tokens": 512})
+    pipeline = tmp_path / "prune-and-recover.yaml"
+    pipeline.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = run_cli("run", str(pipeline), "--out", str(tmp_path / "pipe"), *TOY, "--set", "tokenizer.vocab_size=512")
+    assert result.returncode == 0, result.stderr[-3000:]
+    root = tmp_path / "pipe"
+    masks = load_file(str(root / "wanda" / "final" / "masks.safetensors"))
+    recovered = load_file(str(root / "wanda-recovered" / "final" / "model.safetensors"))
+    assert masks and all(torch.all(recovered[name][~mask.bool()] == 0) for name, mask in masks.items())
+    assert (root / "wanda-recovered" / "final" / "masks.safetensors").is_file()
+    shrunk = json.loads((root / "ffn" / "final" / "config.json").read_text())
+    assert shrunk["intermediate_size"] == 352 - 88  # a quarter of llama-tiny's FFN neurons removed
+    assert (root / "ffn-recovered" / "final" / "adapter_config.json").is_file()
+    assert set(json.loads((root / "score" / "eval.json").read_text())) == {"prose", "code"}
