@@ -399,9 +399,13 @@ def test_cli_bad_key_exits_2_with_one_line():
 
 
 def test_recipe_kinds_table():
-    assert RECIPE_KINDS == {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "merge": MergeRecipe}
+    from tunelab.config import PruneRecipe
+
+    assert RECIPE_KINDS == {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "merge": MergeRecipe,
+                            "prune": PruneRecipe}
     for kind, cls in RECIPE_KINDS.items():
-        assert cls.model_fields["kind"].default == kind and (kind == "merge" or issubclass(cls, RecipeConfig))
+        assert cls.model_fields["kind"].default == kind
+        assert issubclass(cls, RecipeConfig) == (kind in ("pretrain", "finetune"))  # merge, prune: no training
 
 
 def test_unknown_kind_is_a_one_line_error_with_hint(tmp_path):

@@ -21,7 +21,7 @@ from tunelab.errors import ConfigError, DataError
 from tunelab.eval.generation import distinct_n, longest_repeat, prompt_windows, repetition_rate, sequence_measures, words
 from tunelab.eval.multiple_choice import (Example, bootstrap_ci, context_prefix, paired_delta, predictions, read_task,
                                           score_choices, task_result)
-from tunelab.eval.scaling import fit_chinchilla, fit_compute, predict, t975
+from tunelab.eval.power_law import fit_chinchilla, fit_compute, predict, t975
 from tunelab.models import build_model, train_tokenizer
 
 # ---------------------------------------------------------------- repetition and diversity
