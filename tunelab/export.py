@@ -1,9 +1,11 @@
-"""`tunelab export`: a standalone HF model directory from a run, a model directory or a LoRA adapter.
+"""`tunelab export`: a standalone HF model directory from a run, a model directory or a peft adapter.
 
 An adapter is exported merged (`--merge`): the base is loaded (and checked against the hash the
-adapter was trained on), peft folds B @ A into the base weights, and the result is an ordinary
-model that `AutoModelForCausalLM.from_pretrained` loads without peft. lineage.json records both
-parents by path and hash.
+adapter was trained on), peft folds the update (LoRA's B @ A, IA3's scales, ...) into the base
+weights, and the result is an ordinary model that `AutoModelForCausalLM.from_pretrained` loads
+without peft. Prompt-learning adapters (virtual tokens) and others peft cannot merge get a one-line
+error saying so.
+lineage.json records both parents by path and hash.
 """
 
 from __future__ import annotations
@@ -39,9 +41,13 @@ def export_model(source: str | Path, out: str | Path, merge: bool = False, base:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunDirError(f"--out: {out} already exists and is not empty; choose a new directory")
     if models.is_adapter_dir(src):
-        if not merge:
-            raise ModelError(f"{FIELD}: {src} is a LoRA adapter; pass --merge to fold it into its base model "
-                             "(the adapter directory itself is already a portable PEFT adapter)")
+        from tunelab.methods.peft_base import PEFT_LABELS, PROMPT_LEARNING
+
+        peft_type = models.adapter_info(src).get("peft_type")
+        if not merge and peft_type not in PROMPT_LEARNING:  # those are refused by load_adapter, saying why
+            raise ModelError(f"{FIELD}: {src} is a {PEFT_LABELS.get(peft_type, peft_type)} adapter; pass --merge to "
+                             "fold it into its base model (the adapter directory itself is already a portable "
+                             "PEFT adapter)")
         model, base_path, base_hash = models.load_adapter(str(src), field=FIELD, merge=True, base=base)
         parents = [{"role": "base", "path": _absolute(base_path), "weights_sha256": base_hash},
                    {"role": "adapter", "path": _absolute(str(src)),

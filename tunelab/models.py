@@ -319,7 +319,7 @@ def count_params(model, trainable_only: bool = False) -> int:
 
 # ---------------------------------------------------------------- adapters and weight hashes
 
-ADAPTER_INFO = "tunelab_adapter.json"  # written next to adapter_config.json by methods/lora.py
+ADAPTER_INFO = "tunelab_adapter.json"  # written next to adapter_config.json by methods/peft_base.py
 
 
 def weights_sha256(model_or_state_dict) -> str:
@@ -386,6 +386,13 @@ def load_adapter(path, attn_implementation: str = "sdpa", field: str = "model.pa
 
     from peft import PeftModel
 
+    from tunelab.methods.peft_base import PEFT_LABELS, PROMPT_LEARNING, fit_for_tunelab
+
+    peft_type = adapter_info(path).get("peft_type")
+    if merge and peft_type in PROMPT_LEARNING:  # refused before the base is loaded
+        raise ModelError(f"{field}: {path} is a {PEFT_LABELS.get(peft_type, peft_type)} adapter: its virtual tokens "
+                         "are inputs, not weights, so peft cannot merge it into the base; use the adapter directory "
+                         "itself (tunelab eval/generate and peft load it)")
     base = adapter_base(path, field, base)
     base_model = load_model(base, attn_implementation, field=f"{field} (base of {path})", merge=True)
     base_hash = weights_sha256(base_model)
@@ -396,7 +403,18 @@ def load_adapter(path, attn_implementation: str = "sdpa", field: str = "model.pa
                          "was trained on")
     with warnings.catch_warnings():  # peft 0.21 probes a property transformers 5 deprecated
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        # Noise from peft 0.21 for adapters it wrote itself: AdaLoRA's rank pattern read as LoRA's, and
+        # LN tuning's norm layers, which have no in/out features to report.
+        warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
         model = PeftModel.from_pretrained(base_model, str(path), is_trainable=False)
     if merge:
-        model = model.merge_and_unload()
+        try:
+            model = model.merge_and_unload()
+        except (NotImplementedError, ValueError, TypeError) as err:  # e.g. Lily; a bias adapter on a bias-free base
+            raise ModelError(f"{field}: peft cannot merge the {PEFT_LABELS.get(peft_type, peft_type)} adapter {path} "
+                             f"into its base ({' '.join(str(err).split())[:200]}); use the adapter directory itself "
+                             "(tunelab eval/generate and peft load it)") from None
+    else:  # prompt tuning: one logit row per input token, as tunelab's readers expect
+        fit_for_tunelab(model)
     return model.eval(), base, base_hash

@@ -1,130 +1,161 @@
-"""LoRA (Hu et al., 2021), with the DoRA and rsLoRA variants, through HF peft.
+"""LoRA (Hu et al., 2021), with the DoRA and rsLoRA variants, other initialisations (PiSSA, OLoRA,
+...) and intruder-dimension mitigation, through HF peft.
 
 The base model is frozen; peft wraps the targeted layers with low-rank factors A, B and trains
 only those. Checkpoints hold only the adapter tensors (plus the base's hash, recorded by the
 loop), and final/ is a plain PEFT adapter directory pointing at the base by absolute path, which
-`peft.PeftModel.from_pretrained` and every tunelab command load.
+`peft.PeftModel.from_pretrained` and every tunelab command load. The shared machinery (checkpoints,
+final/, target checks) is methods/peft_base.py; LoRA is one instance of it.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import warnings
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tunelab.errors import ConfigError
-from tunelab.methods.base import Method
+from tunelab.methods.peft_base import LinearTargets, PeftMethod, check_targets
+
+__all__ = ["LoRA", "LoRAOptions", "check_targets"]  # check_targets: importable from here, as before
+
+# init -> peft's init_lora_weights. "default": A Kaiming-uniform, B = 0 (the reference LoRA).
+_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "orthogonal": "orthogonal"}
+# These move the top singular directions of W into A, B and train on the residual W - s*B@A: the base
+# in memory changes, so the adapter is converted at save time (peft's path_initial_model_for_weight_conversion).
+_MUTATING = ("pissa", "olora")
 
 
-class LoRAOptions(BaseModel):
+class IntruderOptions(BaseModel):
+    """peft's reduce_intruder_dimension ("LoRA vs Full Fine-tuning: An Illusion of Equivalence")."""
     model_config = ConfigDict(extra="forbid")
+    top_k: int = Field(10, ge=1)  # how many of the tuned weight's top singular vectors are examined
+    threshold_epsilon: float = Field(0.5, gt=0, lt=1)  # below this |cosine| to every base vector: an intruder
+    mitigation_lambda: float = Field(0.75, ge=0, le=1)  # share of each intruder direction removed
+
+
+class LoRAOptions(LinearTargets):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # Module-name suffixes ("q_proj", "self_attn.v_proj"), or every linear layer but the LM head.
-    target_modules: Union[str, list[str]] = "all-linear"
     use_rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     use_dora: bool = False  # weight-decomposed LoRA: also train a per-output-channel magnitude
     bias: Literal["none", "all", "lora_only"] = "none"
+    # default | gaussian | orthogonal (even r) | pissa | pissa_niter_N (fast randomised SVD) | olora
+    init: str = "default"
+    # Remove intruder dimensions from the adapter when final/ is saved (true: peft's defaults).
+    intruders: Optional[IntruderOptions] = None
 
-    @field_validator("target_modules")
+    @field_validator("init")
     @classmethod
-    def _targets(cls, value):
-        if isinstance(value, str) and value != "all-linear":
-            value = [value]  # one module name
-        if value == "all-linear" or (value and all(value)):
+    def _init(cls, value):
+        if value in _INITS or re.fullmatch(r"pissa_niter_\d+", value):
             return value
-        raise ValueError("give a list of module-name suffixes (e.g. [q_proj, v_proj]) or 'all-linear'")
+        raise ValueError(f"one of {', '.join(_INITS)} or pissa_niter_N")
+
+    @field_validator("intruders", mode="before")
+    @classmethod
+    def _intruders(cls, value):
+        if value is True:
+            return {}
+        return None if value is False else value
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        mutating = self.init.startswith(_MUTATING)
+        if mutating and self.use_dora:
+            raise ValueError(f"init {self.init} with use_dora: peft converts {self.init} adapters to plain LoRA "
+                             "when saving, which has no DoRA magnitude")
+        if self.init == "orthogonal" and self.r % 2:
+            raise ValueError(f"init orthogonal needs an even r (got {self.r})")
+        if self.intruders is not None and (self.use_dora or mutating):
+            raise ValueError("intruders (mitigation) works on plain LoRA factors: not with use_dora or "
+                             f"init {self.init}")
+        return self
 
 
-def _peft_model(model):
-    """The PeftModel under a DDP (.module) or torch.compile (._orig_mod) wrapper: peft's helpers need it."""
-    from peft import PeftModel
-
-    while not isinstance(model, PeftModel):
-        inner = model._modules.get("module", model._modules.get("_orig_mod"))
-        if inner is None:
-            raise TypeError(f"method lora: expected a peft model, got {type(model).__name__}")
-        model = inner
-    return model
-
-
-def check_targets(model, targets: list[str]) -> None:
-    """Fail before wrapping, with the names that would work: peft's own error is a multi-line dump."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    linear_types = (torch.nn.Linear, Conv1D)
-    supported = linear_types + (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    modules = dict(model.named_modules())
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, linear_types)})
-    hint = f"(linear modules: {', '.join(linear)})"
-    for target in targets:
-        hits = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
-        if not hits:
-            raise ConfigError(f"method.options.target_modules: {target!r} matches no module of this "
-                              f"{type(model).__name__} {hint}")
-        wrong = [m for m in hits if not isinstance(m, supported)]
-        if wrong:
-            raise ConfigError(f"method.options.target_modules: {target!r} is a {type(wrong[0]).__name__}, "
-                              f"which LoRA cannot adapt {hint}")
-
-
-class LoRA(Method):
+class LoRA(PeftMethod):
     name = "lora"
+    label = "LoRA"
+    target_kinds = "lora"
     Options = LoRAOptions
+    quiet = ("(PiSSA|OLoRA) changes the base weights",)  # peft's advice to convert, which save_adapter does
+
+    def peft_config(self, model, ctx, task_type):
+        from peft import LoraConfig
+
+        o = self.options
+        init = _INITS.get(o.init, o.init)  # pissa_niter_N passes as is
+        return LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.target_modules,
+                          use_rslora=o.use_rslora, use_dora=o.use_dora, bias=o.bias, init_lora_weights=init,
+                          task_type=task_type)
 
     def prepare(self, model, ctx):
-        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+        model = super().prepare(model, ctx)
+        self.initial = None
+        if self.options.init.startswith(_MUTATING):
+            # A0, B0 as initialised (the residual base is W - s*B0@A0); resume re-derives the same ones.
+            from peft import get_peft_model_state_dict
 
-        from tunelab import models
+            self.initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        return model
 
-        path = ctx.recipe.model.path
-        if path is None:
-            raise ConfigError("method lora adapts a trained model: set model.path (e.g. runs/quickstart/final)")
-        if isinstance(model, PeftModel):  # a bug in the caller, not a user error
-            raise TypeError("LoRA.prepare needs a plain model; load adapter dirs with models.load_model(merge=True)")
-        opts = self.options
-        if opts.target_modules != "all-linear":
-            check_targets(model, opts.target_modules)
-        # What save_final records: the base by absolute path (final/ is written elsewhere and renamed)
-        # and the hash of its weights, so that loading the adapter on other weights is refused.
-        local = Path(path).expanduser()
-        self.base_path = str(local.resolve()) if local.exists() else path
-        self.base_sha256 = ctx.base_sha256 or models.weights_sha256(model)
-        config = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                            target_modules=opts.target_modules, use_rslora=opts.use_rslora, use_dora=opts.use_dora,
-                            bias=opts.bias, task_type=None if models.is_encoder(model) else TaskType.CAUSAL_LM)
-        with warnings.catch_warnings():  # peft 0.21 probes a property transformers 5 deprecated
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            return get_peft_model(model, config)
+    def adapter_info(self) -> dict:
+        o = self.options
+        info = {}
+        if o.init != "default":
+            info["init"] = o.init
+        if o.init.startswith(_MUTATING):
+            info["converted_to_lora"] = f"rank {2 * o.r} adapter on the original base (peft's {o.init} conversion)"
+        if o.intruders is not None:
+            info["intruders"] = {**o.intruders.model_dump(), "layers_mitigated": self.intruder_layers}
+        return info
 
-    def weights_to_save(self, model):
-        from peft import get_peft_model_state_dict
+    def save_adapter(self, peft_model, out_dir: Path) -> None:
+        if self.options.intruders is not None:
+            self._mitigate_intruders(peft_model)
+        if self.initial is None:
+            return super().save_adapter(peft_model, out_dir)
+        import tempfile
 
-        return {k: v.detach() for k, v in get_peft_model_state_dict(_peft_model(model)).items()}
+        from safetensors.torch import save_file
 
-    def load_weights(self, model, tensors):
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        # peft reads the initial adapter from a directory (it writes its config there itself) and saves
+        # [A | A0], [B | -B0]: a rank-2r LoRA that computes W_res + s*B@A - W on the original base W.
+        with tempfile.TemporaryDirectory(prefix="tunelab-lora-init-") as tmp:
+            initial = Path(tmp) / "initial"
+            initial.mkdir()
+            save_file({k: v.contiguous() for k, v in self.initial.items()}, str(initial / "adapter_model.safetensors"))
+            with warnings.catch_warnings():  # loading the initial adapter beside the trained one: peft's advice
+                for message in self.quiet:   # to convert, which is what this does
+                    warnings.filterwarnings("ignore", message=message)
+                peft_model.save_pretrained(out_dir, save_embedding_layers=False,
+                                           path_initial_model_for_weight_conversion=str(initial))
 
-        model = _peft_model(model)
-        # peft reports every frozen base weight as "missing": compare against the adapter's own keys.
-        expected = set(get_peft_model_state_dict(model))
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        if missing or unexpected:
-            raise RuntimeError(f"LoRA checkpoint does not match the adapter: {len(missing)} missing "
-                               f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-        set_peft_model_state_dict(model, tensors)
+    def _mitigate_intruders(self, peft_model) -> None:
+        """peft's mitigation writes a new adapter; its factors replace the trained ones in place, so the
+        model in memory is what final/ holds. The last checkpoint keeps the unmitigated adapter."""
+        import torch
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.intruders import reduce_intruder_dimension
 
-    def save_final(self, model, tokenizer, out_dir: Path) -> None:
-        model = _peft_model(model)
-        model.peft_config["default"].base_model_name_or_path = self.base_path
-        # The vocabulary is never resized here, so no full embedding copies (peft's "auto" would look for
-        # the base's config.json to decide, and warn when the base is itself an adapter).
-        model.save_pretrained(out_dir, save_embedding_layers=False)
-        tokenizer.save_pretrained(out_dir)
-        info = {"method": self.name, "base": self.base_path, "base_weights_sha256": self.base_sha256}
-        (Path(out_dir) / "tunelab_adapter.json").write_text(json.dumps(info, indent=2) + "\n")
+        found = []
+        o = self.options.intruders
+        reduce_intruder_dimension(peft_model, old_adapter_name="default", new_adapter_name="mitigated",
+                                  top_k=o.top_k, threshold_epsilon=o.threshold_epsilon,
+                                  mitigation_lambda=o.mitigation_lambda,
+                                  logging_sink=lambda line: found.append(line) if ": Intruders:" in line else None)
+        with torch.no_grad():
+            for module in peft_model.modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                for factors in (module.lora_A, module.lora_B, module.lora_embedding_A, module.lora_embedding_B):
+                    if "mitigated" in factors:  # Linear modules (.weight) for layers, bare parameters for embeddings
+                        old, new = factors["default"], factors["mitigated"]
+                        getattr(old, "weight", old).copy_(getattr(new, "weight", new))
+        peft_model.set_adapter("default")
+        peft_model.delete_adapter("mitigated")
+        self.intruder_layers = len(found)
+
