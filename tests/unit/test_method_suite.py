@@ -3,7 +3,10 @@
 A new method joins by its registry line. For each one, on a tiny saved model (model.path, so
 methods that adapt a trained model, like lora, run too):
   - a few steps train and the loss falls;
-  - exactly the method's trainable parameters change, tensor by tensor (the rest stay bit-identical);
+  - exactly the method's trainable parameters change, tensor by tensor (the rest stay bit-identical;
+    "trainable" is every tensor it ever handed to the optimizer, so switching methods like LISA fit);
+    a method that trains single entries (sparse) names them with `trained_entries()` -> {name: bool
+    mask}, and the entries outside stay bit-identical too;
   - final/ (save_final) reloads with models.load_model to the same logits as the trained model in memory;
   - a run killed with SIGKILL and resumed logs the same losses as an uninterrupted one (slow).
 """
@@ -27,7 +30,14 @@ from tunelab.stages import run_stage
 METHOD_NAMES = sorted(tunelab.methods.METHODS)
 SEQ = 32
 # Options a method needs to run on the suite's plain base model (no options: its defaults).
-SUITE_OPTIONS = {"masked": {"sparsity": 0.5}}  # no masks.safetensors in the base: prune by magnitude first
+SUITE_OPTIONS = {"masked": {"sparsity": 0.5},  # no masks.safetensors in the base: prune by magnitude first
+                 "lisa": {"gamma": 1, "interval": 2}, "hft": {"interval": 2},  # switch 3 times in 6 steps
+                 "sparse": {"density": 0.05, "calibration_steps": 1},
+                 "shira": {"r": 4},  # the default 32 * (32 + 32) entries exceed a 32x32 matrix
+                 "trainable_tokens": {"tokens": list(range(0, 384, 2))},  # no default: the tokens are the point
+                 "peft": {"type": "hra"}}  # the entry for the other peft methods: one of them
+# Methods whose trainable set may cover the whole model over a run (the others must train a small part).
+MAY_TRAIN_ALL = {"full", "masked", "lisa", "hft", "mezo"}
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +133,13 @@ def test_method_trains_only_its_parameters_and_saves_what_it_trained(tmp_path, c
             assert int((~mask).sum()) == round(0.5 * mask.numel()), name
             assert torch.all(before[name][~mask] == 0) and torch.all(after[name].detach()[~mask] == 0), name
             assert torch.all(after[name].detach()[mask] != before[name][mask]), f"{name}: kept weights did not train"
-    elif method != "full":  # a parameter-efficient method trains a small part of the model
-        n_trainable = sum(after[n].numel() for n in trainable)
+    # A method that trains single entries (sparse) says which (trained_entries): the others keep their values.
+    entries = getattr(captured["method"], "trained_entries", dict)()
+    for name, mask in entries.items():
+        assert name in trainable, name
+        assert torch.equal(after[name].detach()[~mask], before[name][~mask]), f"{method}: {name} changed off its entries"
+    if method not in MAY_TRAIN_ALL:  # a parameter-efficient method trains a small part of the model
+        n_trainable = sum(int(entries[n].sum()) if n in entries else after[n].numel() for n in trainable)
         assert n_trainable < 0.5 * sum(p.numel() for p in after.values())
 
     # final/ through save_final, loaded the way every tunelab command loads a model (or adapter).

@@ -70,6 +70,10 @@ def ctx(model_path=None) -> MethodContext:
 # ---------------------------------------------------------------- registry
 
 
+# Methods with a required option (no sensible default): the least that creates them.
+REQUIRED_OPTIONS = {"trainable_tokens": {"tokens": [0]}, "peft": {"type": "hra"}}
+
+
 def test_registry():
     assert {"full", "bitfit", "lora"} <= set(METHODS)
     for name, target in METHODS.items():
@@ -77,7 +81,7 @@ def test_registry():
         assert isinstance(target, str) and target.count(":") == 1, target
         cls = method_class(name)
         assert issubclass(cls, Method) and cls.name == name
-        method = create_method(name, {})
+        method = create_method(name, REQUIRED_OPTIONS.get(name, {}))
         assert isinstance(method, cls)
         for hook in ("prepare", "aux_models", "batch_source", "select_trainable", "trainable_params", "loss",
                      "train_step", "after_backward", "after_step", "state_dict", "load_state_dict", "tensor_state",

@@ -22,7 +22,9 @@ The loop in train/loop.py calls these hooks, in this order, and nothing method-s
     end:        method.save_final(model, tokenizer, out_dir)   # HF model, or a PEFT adapter
 
 A method with no backward pass (MeZO) sets `uses_backward = False` and implements
-`train_step(model, batches, step, lr) -> mean loss`; the loop then skips backward and the optimizer.
+`train_step(model, batches, step, lr) -> mean loss`; the loop then skips backward, the optimizer and
+the DDP wrapper (there are no gradients to synchronise): under DDP such a method all-reduces what it
+needs itself (ctx.dist) so that every process applies the same update.
 
 Methods are small classes with these defaults, registered by name in methods/__init__.py. Options
 come from the recipe's `method.options`, validated by the method's pydantic `Options` model when

@@ -53,7 +53,8 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
         optimizer = build_optimizer(named, tc) if method.uses_backward else None
         if old_optimizer is not None:  # parameters that stay trainable keep their moments
             carry_optimizer_state(old_optimizer, optimizer)
-        ddp_model = distmod.wrap(model, d)
+        # DDP only synchronises gradients: a method without backward (MeZO) reduces what it needs itself.
+        ddp_model = distmod.wrap(model, d) if method.uses_backward else model
         return named, optimizer, ddp_model, (torch.compile(ddp_model) if tc.compile else ddp_model)
 
     # On resume the saved optimizer belongs to the trainable set of the step before the checkpoint: build
