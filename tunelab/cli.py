@@ -131,6 +131,27 @@ def generate(model_dir: str = typer.Argument(..., help="A saved model or adapter
 
 
 @app.command()
+def chat(model_dir: str = typer.Argument(..., help="A saved model or adapter directory (e.g. an SFT run's final/)."),
+         message: Optional[str] = typer.Option(None, "--message", help="Send this one message, print the reply and "
+                                               "exit; without it, each line of stdin is a message, until EOF."),
+         system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation."),
+         max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+         greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
+         temperature: float = typer.Option(0.8, "--temperature", min=0.01),
+         top_k: int = typer.Option(50, "--top-k", min=0),
+         seed: int = typer.Option(0, "--seed"),
+         base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP)):
+    """Talk to a model through its chat template (the built-in one if its tokenizer has none)."""
+    from tunelab.chat import chat as converse, stdin_messages
+
+    _no_transformers_bars()
+    messages = [message] if message is not None else stdin_messages(prompt=sys.stdin.isatty())
+    for reply in converse(model_dir, messages, seed=seed, system=system, base=base, max_new_tokens=max_new_tokens,
+                          greedy=greedy, temperature=temperature, top_k=top_k, log=_stderr):
+        print(reply, flush=True)
+
+
+@app.command()
 def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run directory."),
                set_: list[str] = typer.Option([], "--set", help=SET_HELP),
                quiet: bool = typer.Option(False, "--quiet")):

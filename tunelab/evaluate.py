@@ -105,9 +105,9 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
         held_out = split == "held-out" or (split == "auto" and digest in seen)
         fraction = explicit_fraction or seen.get(digest) or eval_fraction
         src = tokenize_source(spec, tokenizer, eos, cache, fraction, log=log, split=held_out)
-        results[src.domain] = evaluate_tokens(model, src.eval, seq_len, eos_id=eos, document_mask=packing == "document",
+        results[src.domain] = evaluate_tokens(model, src.eval, seq_len, eos_id=eos, document_mask=packing != "concat",
                                               byte_lengths=byte_lengths, max_tokens=max_tokens, objective=objective,
-                                              label_fn=label_fn, loss_mask=src.eval_mask)
+                                              label_fn=label_fn, loss_mask=src.eval_mask, starts=src.eval_starts)
         results[src.domain]["split"] = "held-out" if held_out else "whole"
     return results
 

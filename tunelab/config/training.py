@@ -34,12 +34,35 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(2, ge=1)
 
 
+CHAT_BUILTINS = ("builtin:instruct",)  # built-in sources of chat examples (data/instruct.py)
+
+
 class SourceSpec(Section):
     source: str  # builtin:prose|code|tests, a .txt/.jsonl/.parquet file, a folder, or hf:<dir>
     weight: float = Field(1.0, gt=0)
     name: str | None = None  # domain name in metrics; default derived from the source
     text_field: str = "text"  # jsonl / parquet / HF datasets column holding the text
     split: str = "train"  # HF datasets split
+    # text: documents (text_field). chat: instruction examples (rows with `messages`, `prompt`/`response` or
+    # `instruction`/`input`/`output`), rendered with the tokenizer's chat template (data/chat.py); the loss is on
+    # assistant turns only. builtin:instruct is always chat.
+    format: Literal["text", "chat"] = "text"
+    assistant_turns: Literal["all", "last"] = "all"  # chat: which assistant turns are training targets
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instruct_is_chat(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("source") in CHAT_BUILTINS and "format" not in data:
+            data = {**data, "format": "chat"}
+        return data
+
+    @model_validator(mode="after")
+    def _chat_options(self) -> "SourceSpec":
+        if self.source in CHAT_BUILTINS and self.format != "chat":
+            raise ValueError(f"format: {self.source} holds chat examples: leave format unset (or chat)")
+        if self.format != "chat" and self.assistant_turns != "all":
+            raise ValueError("assistant_turns: only for format: chat")
+        return self
 
     @property
     def domain(self) -> str:
@@ -90,8 +113,10 @@ class DataConfig(Section):
     eval: list[SourceSpec] = Field(default_factory=list)
     seq_len: int = Field(256, ge=8)
     # concat: documents joined with EOS, attention crosses boundaries (classic GPT packing).
-    # document: same packing, but position ids restart per document so attention stays inside it.
-    packing: Literal["concat", "document"] = "concat"
+    # document: same packing, but position ids restart per document so attention stays inside it; a chat
+    # source's examples are packed whole into rows (several per row, padded, never cut across rows).
+    # pad: a chat source's examples one per row, padded (text sources: as document).
+    packing: Literal["concat", "document", "pad"] = "concat"
     eval_fraction: float = Field(0.02, gt=0, lt=0.5)
     cache_dir: str | None = None  # default: $TUNELAB_CACHE or ~/.cache/tunelab
     replay: ReplayConfig | None = None
@@ -194,6 +219,11 @@ class TrainingRecipe(Section):
         if self.init_from is not None and self.model.path is not None:
             raise ValueError("init_from: set either init_from (a tunelab run or checkpoint) or model.path (a model "
                              "directory), not both")
+        replayed = self.data.replay.sources if self.data.replay is not None else []
+        chat = [s.source for s in self.data.train + self.data.eval + replayed if s.format == "chat"]
+        if chat and self.train.objective != "clm":
+            raise ValueError(f"data: {chat[0]} is a chat source: its loss is on assistant replies, for a causal LM "
+                             "(train.objective: clm)")
         if self.train.whole_word_masking and self.train.objective != "mlm":
             raise ValueError("train.whole_word_masking: only for train.objective: mlm (a causal LM masks nothing)")
         if (self.init_optimizer or self.init_data_state) and self.init_from is None:

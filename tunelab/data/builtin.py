@@ -208,7 +208,7 @@ def documents_under(root: Path, domain: str, cache_dir: Path) -> tuple[list[str]
     """builtin_documents for the stdlib at `root` (tests point it at a fake tree)."""
     if domain not in DOMAINS:
         raise DataError(f"builtin:{domain}: unknown built-in corpus; use one of "
-                        + ", ".join(f"builtin:{d}" for d in DOMAINS))
+                        + ", ".join(f"builtin:{d}" for d in DOMAINS) + " (or builtin:instruct: chat examples)")
     root = Path(root)
     files = python_files(root)
     where = Path(cache_dir) / "builtin" / fingerprint(root, files)

@@ -12,6 +12,10 @@ A segmented document is tokenized segment by segment and the ids concatenated. F
 any segment whose loss is false, a uint8 mask runs alongside the tokens (1 = a training target):
 prefix tokens 0, each segment's tokens its loss, the closing tokens the last segment's loss (so a
 trained response learns to stop). Sources without such segments have no mask at all.
+
+For a chat source (its examples are packed whole, data/rows.py), each split also records where every
+document starts: an int64 token offset per document, since an example's own text may hold EOS (a
+template's end of turn) and EOS cannot mark where examples begin.
 """
 
 from __future__ import annotations
@@ -129,16 +133,22 @@ def chunks(text: str, start: int, end: int, encode) -> Iterator[str]:
 
 
 class SplitFile:
-    """One split's token file (and mask file for a masked source), written in batches, with counts."""
+    """One split's token file (and mask file for a masked source, document starts for a chat source),
+    written in batches, with counts."""
 
-    def __init__(self, folder: Path, name: str, dtype, masked: bool):
+    def __init__(self, folder: Path, name: str, dtype, masked: bool, starts: bool = False):
         self.dtype = dtype
         self.tokens_file = open(folder / f"{name}.bin", "wb")
         self.mask_file = open(folder / f"{name}.mask.bin", "wb") if masked else None
+        self.starts_file = open(folder / f"{name}.starts.bin", "wb") if starts else None
         self.tokens = self.docs = self.bytes = 0
         self._ids: list[int] = []
         self._mask_values: list[int] = []  # the mask as runs: value, length
         self._mask_lengths: list[int] = []
+        self._starts: list[int] = []
+
+    def start_document(self) -> None:
+        self._starts.append(self.tokens + len(self._ids))
 
     def add(self, ids: list[int], mask: int) -> None:
         self._ids.extend(ids)
@@ -152,21 +162,29 @@ class SplitFile:
         if self.mask_file is not None:
             self.mask_file.write(np.repeat(np.asarray(self._mask_values, dtype=np.uint8),
                                            np.asarray(self._mask_lengths, dtype=np.int64)).tobytes())
-        self._ids, self._mask_values, self._mask_lengths = [], [], []
+        if self.starts_file is not None:
+            self.starts_file.write(np.asarray(self._starts, dtype=np.int64).tobytes())
+        self._ids, self._mask_values, self._mask_lengths, self._starts = [], [], [], []
 
     def close(self) -> None:
-        self.tokens_file.close()
-        if self.mask_file is not None:
-            self.mask_file.close()
+        for f in (self.tokens_file, self.mask_file, self.starts_file):
+            if f is not None:
+                f.close()
 
 
 def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
+_START = object()  # in a batch: a document starts here
+
+
 def _flush(batch: list[tuple[SplitFile, object, int]], encode, files: Iterable[SplitFile]) -> None:
     encoded = iter(encode([value for _, value, _ in batch if isinstance(value, str)]))
     for out, value, mask in batch:
+        if value is _START:
+            out.start_document()
+            continue
         out.add(next(encoded) if isinstance(value, str) else value, mask)
     for out in files:
         out.flush()
@@ -180,6 +198,8 @@ def write_pieces(pieces: Iterable[tuple[bool, Piece]], train: SplitFile, held_ou
     for held, piece in pieces:
         out = held_out if held else train
         out.docs += 1
+        if out.starts_file is not None:
+            batch.append((out, _START, 0))
         if isinstance(piece, tuple):
             segments = [(piece[0], piece[1], piece[2], True)]
         else:

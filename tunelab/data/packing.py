@@ -58,6 +58,9 @@ class PackedSequences:
 
 
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack samples into int64 tensors, one per key."""
+    """Stack samples into int64 tensors, one per key. A batch that mixes sources with and without loss
+    masks (a chat source and plain text) gives the unmasked ones a mask of ones: all targets."""
+    if any("loss_mask" in s for s in samples) and not all("loss_mask" in s for s in samples):
+        samples = [s if "loss_mask" in s else {**s, "loss_mask": np.ones_like(s["input_ids"])} for s in samples]
     return {key: torch.from_numpy(np.stack([s[key] for s in samples]).astype(np.int64, copy=False))
             for key in samples[0]}

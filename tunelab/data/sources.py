@@ -2,6 +2,8 @@
 did not change), and texts for tokenizer training.
 
     builtin:prose|code|tests   the stdlib corpus (tunelab.data.builtin), which keeps its own cache
+    builtin:instruct           chat examples generated from the stdlib (tunelab.data.instruct) into a
+                               JSONL file in the cache, then read as that file (format: chat)
     files, folders, hf:<dir>   read by tunelab.data.readers (formats and errors described there)
 
 The content hash is sha256 over the source's non-blank documents in order (readers.Tally.add).
@@ -60,6 +62,20 @@ def _quiet(*args) -> None:
     pass
 
 
+def _generated(spec: SourceSpec, cache_dir: Path) -> SourceSpec:
+    """A built-in source that is generated into a file (builtin:instruct) as a spec of that file; others as
+    they are. The file lives in the cache, so its stat index works as for any file."""
+    if spec.source == "builtin:preference":
+        raise DataError("builtin:preference holds preference pairs (messages, chosen, rejected) for preference "
+                        "tuning, not documents or chat examples: train on builtin:instruct")
+    if spec.source != "builtin:instruct":
+        return spec
+    from tunelab.data.instruct import builtin_instruct_file  # lazy: only this source scans the stdlib
+
+    return spec.model_copy(update={"source": str(builtin_instruct_file("instruct", Path(cache_dir))),
+                                   "name": spec.domain, "format": "chat"})
+
+
 # ---------------------------------------------------------------- documents
 
 
@@ -81,6 +97,7 @@ def iter_documents(spec: SourceSpec, cache_dir: Path, log: Callable = print, tal
     content hash, decode errors and skipped files; it is complete when the iteration has ended, which
     is also when warnings are logged and an empty source raises DataError."""
     tally = Tally() if tally is None else tally
+    spec = _generated(spec, cache_dir)
     source = spec.source
     if source.startswith("builtin:"):
         from tunelab.data.builtin import builtin_documents  # lazy: only built-in sources need the stdlib scan
@@ -89,7 +106,7 @@ def iter_documents(spec: SourceSpec, cache_dir: Path, log: Callable = print, tal
     elif source.startswith("hf:"):
         docs = iter_hf(spec, Path(cache_dir), tally)
     else:
-        docs = iter_path(source, spec.text_field, tally)
+        docs = iter_path(source, spec.text_field, tally, chat=spec.format == "chat")
     for doc in docs:
         if has_text(doc):
             tally.add(doc)
@@ -103,6 +120,7 @@ def iter_documents(spec: SourceSpec, cache_dir: Path, log: Callable = print, tal
 
 def read_documents(spec: SourceSpec, cache_dir: Path, log: Callable = print) -> Documents:
     """All documents of one source in a list (small sources and tests; the pipeline streams)."""
+    spec = _generated(spec, cache_dir)
     if spec.source.startswith("builtin:"):
         from tunelab.data.builtin import builtin_documents
 
@@ -138,7 +156,8 @@ def _listing(spec: SourceSpec) -> _Listing | None:
     except OSError:
         return None
     split = spec.split if spec.source.startswith("hf:") else None
-    blob = json.dumps([READER_VERSION, spec.text_field, split, rows])
+    chat = ["chat"] if spec.format == "chat" else []  # the same files read as chat examples: another content
+    blob = json.dumps([READER_VERSION, spec.text_field, split, rows] + chat)
     racy = any(mtime >= taken - RACY_SECONDS * 10**9 for _, _, mtime in rows)
     return _Listing(hashlib.sha256(blob.encode()).hexdigest(), len(rows), racy)
 
@@ -146,7 +165,8 @@ def _listing(spec: SourceSpec) -> _Listing | None:
 def _index_path(spec: SourceSpec, cache_dir: Path) -> Path:
     kind = "hf" if spec.source.startswith("hf:") else "path"
     split = spec.split if kind == "hf" else None
-    name = json.dumps([kind, str(source_path(spec.source).resolve()), spec.text_field, split])
+    chat = ["chat"] if spec.format == "chat" else []
+    name = json.dumps([kind, str(source_path(spec.source).resolve()), spec.text_field, split] + chat)
     return Path(cache_dir) / "sources" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
 
 
@@ -177,6 +197,7 @@ def _write_index(path: Path, entry: dict) -> None:
 def source_identity(spec: SourceSpec, cache_dir: Path, log: Callable = print) -> SourceIdentity:
     """Content hash (and whether loss masks are needed) of a source: from the stat index when its files
     are unchanged, else by reading it once (and indexing the result)."""
+    spec = _generated(spec, cache_dir)
     if spec.source.startswith("builtin:"):
         from tunelab.data.builtin import builtin_documents
 
@@ -200,6 +221,8 @@ def source_identity(spec: SourceSpec, cache_dir: Path, log: Callable = print) ->
 
 def forget_source_index(spec: SourceSpec, cache_dir: Path) -> None:
     """Drop the source's index entry: the next source_identity reads the source again."""
+    if spec.source.startswith("builtin:"):
+        spec = _generated(spec, cache_dir)
     _index_path(spec, cache_dir).unlink(missing_ok=True)
 
 

@@ -8,9 +8,13 @@ split=False (an eval-only source scored whole) every document goes to eval and t
 Cache layout:
     <cache_dir>/tokens/<key>/{train.bin, eval.bin, meta.json}
     (+ train.mask.bin, eval.mask.bin: uint8 loss masks, only for a source with masked segments)
+    (+ train.starts.bin, eval.starts.bin: int64 document starts, only for a chat source)
 with key = sha256(format version, content hash, tokenizer fingerprint, eos id, the tokenizer's own
-prefix/suffix ids, eval fraction or "unsplit"). The content hash comes from the source's stat index
-(tunelab.data.sources), so a cached source whose files did not change is not even opened. An entry
+prefix/suffix ids, eval fraction or "unsplit"; for a chat source also the chat template and which
+assistant turns are targets). A chat source's examples are rendered here, with the tokenizer's template
+(data/chat.py), after the held-out split has been decided on the examples themselves. The content
+hash comes from the source's stat index (tunelab.data.sources), so a cached source whose files did
+not change is not even opened. An entry
 is written into a temporary folder and renamed into place, so a crash never leaves a half entry and
 of two processes (DDP ranks) writing the same entry the loser just uses the winner's. Leftover
 `.tmp-*` folders from crashed writers are harmless and can be deleted.
@@ -31,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 from tunelab.config import SourceSpec
+from tunelab.data.chat import BUILTIN_TEMPLATE, Chat, ChatRenderer
 from tunelab.data.encode import (SplitFile, closing_tokens, encoder, special_tokens, token_dtype,
                                  tokenizer_fingerprint, write_pieces)
 from tunelab.data.readers import Tally
@@ -61,6 +66,8 @@ class TokenizedSource:
     decode_errors: int
     train_mask: np.ndarray | None = None  # uint8, aligned with train (1 = a training target); None: all 1
     eval_mask: np.ndarray | None = None
+    train_starts: np.ndarray | None = None  # int64 token offset of every document (chat sources only)
+    eval_starts: np.ndarray | None = None
 
 
 def _quiet(*args) -> None:
@@ -70,10 +77,13 @@ def _quiet(*args) -> None:
 # ---------------------------------------------------------------- cache
 
 
-def cache_key(content_hash: str, tokenizer, eos_id: int, eval_fraction: float, split: bool = True) -> str:
+def cache_key(content_hash: str, tokenizer, eos_id: int, eval_fraction: float, split: bool = True,
+              rendering: list | None = None) -> str:
     prefix, suffix = special_tokens(tokenizer)
     parts = [FORMAT_VERSION, content_hash, tokenizer_fingerprint(tokenizer), int(eos_id), prefix, suffix,
              float(eval_fraction) if split else "unsplit"]
+    if rendering is not None:  # a chat source: the template and the targets change the tokens and masks
+        parts.append(rendering)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -86,8 +96,8 @@ def _open_array(path: Path, dtype: str, n: int) -> np.ndarray:
 
 
 def _load_entry(where: Path) -> tuple[dict, dict] | None:
-    """The entry's arrays by name (masks None when it has none) and meta, or None if it is missing or
-    damaged (never half-loaded)."""
+    """The entry's arrays by name (masks and starts None when it has none) and meta, or None if it is
+    missing or damaged (never half-loaded)."""
     try:
         meta = json.loads((where / "meta.json").read_text())
         arrays = {}
@@ -95,6 +105,8 @@ def _load_entry(where: Path) -> tuple[dict, dict] | None:
             arrays[name] = _open_array(where / f"{name}.bin", meta["dtype"], meta[f"{name}_tokens"])
             arrays[f"{name}_mask"] = (_open_array(where / f"{name}.mask.bin", "uint8", meta[f"{name}_tokens"])
                                       if meta["masked"] else None)
+            arrays[f"{name}_starts"] = (_open_array(where / f"{name}.starts.bin", "int64", meta[f"{name}_docs"])
+                                        if meta.get("starts") else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return arrays, meta
@@ -106,12 +118,21 @@ def _tokenize_into(folder: Path, spec: SourceSpec, cache_dir: Path, identity: So
     closing = closing_tokens(suffix, eos_id)
     dtype = token_dtype(tokenizer, eos_id)
     encode = encoder(tokenizer)
+    chat = spec.format == "chat"
+    renderer = ChatRenderer(tokenizer, where=spec.source) if chat else None
+
+    def rendered(pieces):
+        """A chat example as (text, loss) segments; split_pieces has already decided its side on the example."""
+        for held, piece in pieces:
+            yield held, renderer.segments(piece.messages, spec.assistant_turns) if isinstance(piece, Chat) else piece
 
     def one_pass(held_out: HeldOut | None) -> tuple[SplitFile, SplitFile, Tally]:
         tally = Tally()
         docs = iter_documents(spec, cache_dir, log=_quiet, tally=tally)
         pieces = split_pieces(docs, held_out) if held_out is not None else whole_pieces(docs)
-        files = SplitFile(folder, "train", dtype, identity.masked), SplitFile(folder, "eval", dtype, identity.masked)
+        pieces = rendered(pieces) if chat else pieces
+        files = (SplitFile(folder, "train", dtype, identity.masked, starts=chat),
+                 SplitFile(folder, "eval", dtype, identity.masked, starts=chat))
         try:
             write_pieces(pieces, *files, encode, prefix, closing)
         finally:
@@ -132,7 +153,8 @@ def _tokenize_into(folder: Path, spec: SourceSpec, cache_dir: Path, identity: So
     meta = {"format_version": FORMAT_VERSION, "domain": spec.domain, "dtype": np.dtype(dtype).name,
             "content_hash": identity.content_hash, "decode_errors": tally.decode_errors,
             "binary_files": tally.binary_files[:3], "binary_count": len(tally.binary_files),
-            "eos_id": int(eos_id), "prefix": prefix, "closing": closing, "masked": identity.masked,
+            "eos_id": int(eos_id), "prefix": prefix, "closing": closing, "masked": identity.masked, "starts": chat,
+            "chat_template": (("builtin" if renderer.template == BUILTIN_TEMPLATE else "tokenizer") if chat else None),
             "split": split, "eval_fraction": float(eval_fraction) if split else None,
             "units": held_out.units if held_out is not None else None,
             "train_docs": train.docs, "eval_docs": held.docs, "train_bytes": train.bytes, "eval_bytes": held.bytes,
@@ -176,7 +198,8 @@ def tokenize_source(spec: SourceSpec, tokenizer, eos_id: int, cache_dir: Path, e
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
     identity = source_identity(spec, cache_dir, log=_quiet)  # warnings: logged below, cached or not
-    key = cache_key(identity.content_hash, tokenizer, eos_id, eval_fraction, split)
+    rendering = ([ChatRenderer(tokenizer).identity, spec.assistant_turns] if spec.format == "chat" else None)
+    key = cache_key(identity.content_hash, tokenizer, eos_id, eval_fraction, split, rendering)
     where = cache_dir / "tokens" / key
     entry = _load_entry(where)
     cached = entry is not None
@@ -196,7 +219,8 @@ def tokenize_source(spec: SourceSpec, tokenizer, eos_id: int, cache_dir: Path, e
                            train_bytes=meta["train_bytes"], eval_bytes=meta["eval_bytes"],
                            train_docs=meta["train_docs"], eval_docs=meta["eval_docs"],
                            content_hash=identity.content_hash, cache_key=key, decode_errors=meta["decode_errors"],
-                           train_mask=arrays["train_mask"], eval_mask=arrays["eval_mask"])
+                           train_mask=arrays["train_mask"], eval_mask=arrays["eval_mask"],
+                           train_starts=arrays["train_starts"], eval_starts=arrays["eval_starts"])
 
 
 def tokenize_sources(specs: list[SourceSpec], tokenizer, eos_id: int, cache_dir: Path, eval_fraction: float,

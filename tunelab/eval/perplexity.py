@@ -58,21 +58,28 @@ def window_indices(n_windows: int, max_windows: int) -> np.ndarray:
 def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, *, eos_id: int, document_mask: bool,
                     byte_lengths: np.ndarray | None, max_tokens: int | None = None, batch_size: int = 8,
                     device: torch.device = torch.device("cpu"), autocast_dtype: torch.dtype | None = None,
-                    objective: str = "clm", label_fn=None, loss_mask: np.ndarray | None = None) -> dict:
+                    objective: str = "clm", label_fn=None, loss_mask: np.ndarray | None = None,
+                    starts: np.ndarray | None = None) -> dict:
     """Loss over held-out windows of `tokens`. Returns loss, ppl, bpb (None for MLM), eval_tokens.
 
     `label_fn(batch, window_indices)` labels MLM windows (deterministic masks); `loss_mask` (1 =
-    target, aligned with `tokens`) excludes tokens from the loss, as in training.
+    target, aligned with `tokens`) excludes tokens from the loss, as in training. `starts` (a chat
+    source's example offsets): whole examples packed into rows, each attending only to itself
+    (tunelab.data.rows), so every reply is scored with its whole prompt, however training packed them.
     """
     from tunelab.data import PackedSequences, collate
+    from tunelab.data.rows import ExampleRows
     from tunelab.train.objectives import add_labels
 
     if len(tokens) < 2:
         return {"loss": float("nan"), "ppl": float("nan"), "bpb": None, "eval_tokens": 0}
-    # A split shorter than one window is evaluated as one shorter window.
-    seq_len = min(seq_len, len(tokens))
-    extra = {} if loss_mask is None else {"loss_mask": loss_mask}
-    windows = PackedSequences(tokens, seq_len, eos_id, document_mask, **extra)
+    if starts is not None:
+        windows = ExampleRows(tokens, starts, loss_mask, seq_len, pad_id=eos_id)
+    else:
+        # A split shorter than one window is evaluated as one shorter window.
+        seq_len = min(seq_len, len(tokens))
+        extra = {} if loss_mask is None else {"loss_mask": loss_mask}
+        windows = PackedSequences(tokens, seq_len, eos_id, document_mask, **extra)
     budget = len(windows) if max_tokens is None else max(1, max_tokens // seq_len)
     picked = window_indices(len(windows), budget)
     was_training = model.training

@@ -20,6 +20,7 @@ class TrainingData:
     sources: list  # TokenizedSource of each training source
     eval_sources: list  # eval-only sources (scored whole, or held-out when an ancestor trained on them)
     eval_splits: dict = field(default_factory=dict)  # domain -> (tokens, loss mask or None)
+    eval_starts: dict = field(default_factory=dict)  # domain -> example starts (chat sources: scored whole)
     replay_sources: list = field(default_factory=list)  # TokenizedSource of each replay source
     # domain -> "target" (trained on now) or "reference" (old data: replay, data.eval, ancestors' domains)
     roles: dict = field(default_factory=dict)
@@ -43,12 +44,20 @@ def ancestor_specs(model_dir: Path | None, log=print) -> list:
 
 
 def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None) -> TrainingData:
-    from tunelab.data import PackedSequences, source_content_hash, tokenize_source, tokenize_sources
+    from tunelab.data import source_content_hash, tokenize_source, tokenize_sources
+    from tunelab.data.chat import BUILTIN_TEMPLATE
+    from tunelab.data.rows import ExampleRows, packed_sequences
     from tunelab.runs import trained_sources
 
     init = init or resolve_init(cfg)
     eos = models.eos_id(tokenizer)
-    doc_mask = cfg.data.packing == "document"
+    replayed = cfg.data.replay.sources if cfg.data.replay is not None else []
+    chat = [s for s in cfg.data.train + cfg.data.eval + replayed if s.format == "chat"]
+    if chat and not getattr(tokenizer, "chat_template", None):
+        # Saved with the tokenizer (final/, checkpoints): `tunelab chat` and apply_chat_template then render
+        # conversations as this run's data was rendered (the same template: no template -> the built-in one).
+        tokenizer.chat_template = BUILTIN_TEMPLATE
+        log("chat data: the tokenizer has no chat template: using the built-in one (saved with the tokenizer)")
     fraction = cfg.data.eval_fraction
     # Sources the starting model or its ancestors trained on (content hash -> the eval_fraction they held out).
     seen = trained_sources(init.model_dir) if init.trained else {}
@@ -84,7 +93,14 @@ def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None)
         replay = [old_data(spec, split=True) for spec in specs]
     sets = []
     for src in sources + replay:
-        packed = PackedSequences(src.train, cfg.data.seq_len, eos, doc_mask, loss_mask=src.train_mask)
+        packed = packed_sequences(src.train, cfg.data.seq_len, eos, cfg.data.packing, src.train_mask,
+                                  src.train_starts)
+        if isinstance(packed, ExampleRows):
+            for line in packed.describe(src.domain, cfg.data.packing):
+                log(line)
+        elif src.train_starts is not None:
+            log(f"note: {src.domain}: packing concat joins chat examples into one stream, so attention crosses "
+                "examples and an example can be cut across sequences; data.packing: document keeps each whole")
         if len(packed) == 0:
             what = "replay" if src in replay else "training"
             raise DataError(f"{src.spec.source}: only {len(src.train)} {what} tokens, fewer than one sequence "
@@ -102,8 +118,15 @@ def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None)
                 eval_only.append(old_data(spec))
                 known.add(spec.domain)
     splits = {s.domain: (s.eval, s.eval_mask) for s in sources + replay + eval_only}
+    starts = {s.domain: s.eval_starts for s in sources + replay + eval_only if s.eval_starts is not None}
+    for src in sources + replay + eval_only:  # held-out chat examples are scored whole: what cutting them costs
+        if src.eval_starts is not None and len(src.eval_starts):
+            warning = ExampleRows(src.eval, src.eval_starts, src.eval_mask, cfg.data.seq_len, eos).describe(
+                f"{src.domain} (held out)", "document")[1:]
+            for line in warning:
+                log(line)
     roles = {s.domain: "target" for s in sources} | {s.domain: "reference" for s in replay + eval_only}
-    return TrainingData(sets=sets, sources=sources, eval_sources=eval_only, eval_splits=splits,
+    return TrainingData(sets=sets, sources=sources, eval_sources=eval_only, eval_splits=splits, eval_starts=starts,
                         replay_sources=replay, roles=roles, fractions=fractions)
 
 
@@ -163,9 +186,9 @@ def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
 
     def evaluate(model, step: int) -> dict:
         return {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=models.eos_id(tokenizer),
-                                        document_mask=cfg.data.packing == "document", byte_lengths=byte_lengths,
+                                        document_mask=cfg.data.packing != "concat", byte_lengths=byte_lengths,
                                         max_tokens=tc.eval_max_tokens, batch_size=tc.micro_batch_size, device=device,
                                         autocast_dtype=autocast_dtype(tc.precision), objective=tc.objective,
-                                        label_fn=label_fn, loss_mask=mask)
+                                        label_fn=label_fn, loss_mask=mask, starts=data.eval_starts.get(domain))
                 for domain, (tokens, mask) in data.eval_splits.items()}
     return evaluate
