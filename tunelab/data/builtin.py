@@ -230,3 +230,18 @@ def documents_under(root: Path, domain: str, cache_dir: Path) -> tuple[list[str]
 def builtin_documents(domain: str, cache_dir: Path) -> tuple[list[str], str]:
     """Documents of one domain and a sha256 hex content hash of them, extracted once and cached."""
     return documents_under(stdlib_root(), domain, cache_dir)
+
+
+# Packages of the stdlib that hold an IDE and demo programs: stdlib files, but not library API anyone
+# asks about (the built-in instruction data and multiple-choice task leave them out).
+SKIP_PACKAGES = {"idlelib", "turtledemo"}
+
+
+def module_name(rel: Path) -> str | None:
+    """`urllib/parse.py` -> `urllib.parse`, `json/__init__.py` -> `json`; None for private or skipped ones."""
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    if not parts or parts[0] in SKIP_PACKAGES or any(p.startswith("_") for p in parts):
+        return None
+    return ".".join(parts)

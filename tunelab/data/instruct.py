@@ -28,7 +28,7 @@ import os
 import random
 from pathlib import Path
 
-from tunelab.data.builtin import fingerprint, is_test_file, python_files, stdlib_root
+from tunelab.data.builtin import fingerprint, is_test_file, module_name, python_files, stdlib_root
 from tunelab.errors import DataError
 
 # Bump when the generation changes, so files made by older code are not reused.
@@ -38,17 +38,6 @@ SUMMARY_CHARS = 240  # longer first paragraphs are cut at a sentence (or word) e
 SYSTEM = "You are a concise assistant that answers questions about the Python standard library."
 QUESTIONS = ("What does `{q}` do?", "Explain `{q}` in one sentence.", "What is `{q}` for?",
              "Describe the {kind} `{q}`.")
-_SKIP_PACKAGES = {"idlelib", "turtledemo"}  # an IDE and demo programs: not library API anyone asks about
-
-
-def module_name(rel: Path) -> str | None:
-    """`urllib/parse.py` -> `urllib.parse`, `json/__init__.py` -> `json`; None for private or skipped ones."""
-    parts = list(rel.with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    if not parts or parts[0] in _SKIP_PACKAGES or any(p.startswith("_") for p in parts):
-        return None
-    return ".".join(parts)
 
 
 def summary(doc: str | None) -> str:

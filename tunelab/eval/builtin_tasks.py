@@ -17,7 +17,7 @@ import os
 import random
 from pathlib import Path
 
-from tunelab.data.builtin import fingerprint, is_test_file, python_files, stdlib_root
+from tunelab.data.builtin import fingerprint, is_test_file, module_name, python_files, stdlib_root
 from tunelab.errors import DataError
 
 # Bump when the generation changes, so caches made by older code are not reused.
@@ -25,18 +25,6 @@ TASK_VERSION = 1
 EXAMPLES = 200
 CHOICES = 4
 SEED = 0
-# An IDE and demo programs: stdlib files, but not library API anyone would ask about.
-_SKIP_PACKAGES = {"idlelib", "turtledemo"}
-
-
-def module_name(rel: Path) -> str | None:
-    """`urllib/parse.py` -> `urllib.parse`, `json/__init__.py` -> `json`; None for private or skipped ones."""
-    parts = list(rel.with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    if not parts or parts[0] in _SKIP_PACKAGES or any(p.startswith("_") for p in parts):
-        return None
-    return ".".join(parts)
 
 
 def public_functions(root: Path, files: list[Path]) -> list[tuple[str, str, str, str]]:
