@@ -275,3 +275,16 @@ def ancestor_data(model_dir: str | Path, max_depth: int = 32) -> list[dict]:
                 hashes.add(d["content_hash"])
                 out.append(d)
     return out
+
+
+def ancestor_source_specs(model_dirs: list[str | Path]) -> list[dict]:
+    """What the models and their ancestors trained on, as source-spec mappings (the mixture weight left
+    out: it belonged to that training), each content hash once: what an operation on saved models
+    (a merge's scoring, a prune's calibration) reads when its recipe names no data."""
+    found, hashes = [], set()
+    for model_dir in model_dirs:
+        for d in ancestor_data(model_dir):
+            if d["content_hash"] not in hashes:
+                hashes.add(d["content_hash"])
+                found.append({k: v for k, v in (d.get("spec") or {"source": d["source"]}).items() if k != "weight"})
+    return found

@@ -110,17 +110,11 @@ class Scorer:
 
     def __init__(self, cfg: MergeRecipe, inputs, log):
         from tunelab.config import DataConfig
-        from tunelab.runs import ancestor_data, trained_sources
+        from tunelab.runs import ancestor_source_specs, trained_sources
 
         self.log = log
         if cfg.eval.data is None:  # what the inputs and their ancestors trained on, else the built-in domains
-            found, hashes = [], set()
-            for item in inputs:
-                for d in ancestor_data(item.path):
-                    if d["content_hash"] not in hashes:
-                        hashes.add(d["content_hash"])
-                        spec = {k: v for k, v in (d.get("spec") or {"source": d["source"]}).items() if k != "weight"}
-                        found.append(spec)
+            found = ancestor_source_specs([item.path for item in inputs])
             self.sources = found or [{"source": s} for s in DEFAULT_EVAL]
         else:
             self.sources = [s.model_dump(exclude_defaults=True, exclude={"weight"}) for s in cfg.eval.data]

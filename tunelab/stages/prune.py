@@ -70,14 +70,13 @@ def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, lo
     from tunelab.config import DataConfig, SourceSpec
     from tunelab.data import tokenize_source
     from tunelab.eval.perplexity import window_indices
-    from tunelab.runs import ancestor_data, trained_sources
+    from tunelab.runs import ancestor_source_specs, trained_sources
     from tunelab.stages.setup import resolve_cache_dir
 
     if cfg.calibration.data is not None:
         specs = list(cfg.calibration.data)
     else:
-        found = [{k: v for k, v in (d.get("spec") or {"source": d["source"]}).items() if k != "weight"}
-                 for d in ancestor_data(model_path)]
+        found = ancestor_source_specs([model_path])
         specs = [validate(s, "calibration.data", SourceSpec) for s in (found or [{"source": "builtin:prose"}])]
     fractions = [f for f in trained_sources(model_path).values() if f is not None]
     fraction = cfg.eval.eval_fraction or min(fractions, default=DataConfig().eval_fraction)
