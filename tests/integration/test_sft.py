@@ -112,3 +112,26 @@ def test_the_shipped_lora_recipe_trains_on_chat_data_and_its_adapter_chats(base,
     code, out, err = cli(monkeypatch, capsys, "chat", str(final), "--message", "What does `json.loads` do?",
                          "--greedy", "--max-new-tokens", "6")
     assert code == 0 and out.count("\n") == 1, err  # one reply (an untrained adapter may stop at once)
+
+
+@pytest.mark.parametrize("recipe", ["dpo-lora", "simpo"])
+def test_the_shipped_preference_recipes_run_after_sft(sft_run, tmp_path, monkeypatch, capsys, recipe):
+    code, _, err = cli(monkeypatch, capsys, "finetune", recipe, "--out", str(tmp_path / "run"), "--quiet",
+                       "--set", f"model.path={sft_run / 'final'}", "--set", "train.max_steps=2",
+                       "--set", "train.micro_batch_size=2", "--set", "data.seq_len=128",
+                       "--set", "train.eval_max_tokens=512", "--set", "train.checkpoint_every=0",
+                       "--set", "train.eval_every=0")
+    assert code == 0, err
+    events = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evals = [e for e in events if e["event"] == "eval"]
+    # The held-out pairs, and the SFT stage's held-out replies (an ancestor's data: forgetting is tracked).
+    assert {e["domain"] for e in evals} == {"preference", "instruct"}
+    pairs = [e for e in evals if e["domain"] == "preference"]
+    assert all(0 <= e["pref_accuracy"] <= 1 and e["pairs"] > 0 for e in pairs)
+    train = [e for e in events if e["event"] == "train"]
+    assert all("reward_accuracy" in e and "logps_chosen" in e for e in train)
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file() == (recipe == "dpo-lora")
+    code, out, err = cli(monkeypatch, capsys, "chat", str(final), "--message", "What does `json.loads` do?",
+                         "--greedy", "--max-new-tokens", "6")
+    assert code == 0 and out.count("\n") == 1, err

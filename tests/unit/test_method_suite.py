@@ -35,9 +35,29 @@ SUITE_OPTIONS = {"masked": {"sparsity": 0.5},  # no masks.safetensors in the bas
                  "sparse": {"density": 0.05, "calibration_steps": 1},
                  "shira": {"r": 4},  # the default 32 * (32 + 32) entries exceed a 32x32 matrix
                  "trainable_tokens": {"tokens": list(range(0, 384, 2))},  # no default: the tokens are the point
-                 "peft": {"type": "hra"}}  # the entry for the other peft methods: one of them
+                 "peft": {"type": "hra"},  # the entry for the other peft methods: one of them
+                 "dpo": {"beta": 0.5, "tuning": {"name": "lora"}}}  # reference: the adapter-disabled model
 # Methods whose trainable set may cover the whole model over a run (the others must train a small part).
-MAY_TRAIN_ALL = {"full", "masked", "lisa", "hft", "mezo"}
+MAY_TRAIN_ALL = {"full", "masked", "lisa", "hft", "mezo", "simpo", "orpo"}  # simpo, orpo: tuning full
+# Methods that train on preference pairs: the suite gives them pairs made from the same corpus (pairs_file).
+PREFERENCE = {m for m in METHOD_NAMES if getattr(tunelab.methods.method_class(m), "data_format", "") == "preference"}
+
+
+def pairs_file(corpus: Path) -> Path:
+    """Preference pairs beside the corpus, made from its words (deterministic): a short prompt, a chosen reply
+    and a rejected one that always starts with "no" (a preference a few steps can learn), short enough that
+    every pair fits SEQ tokens."""
+    import json
+    import random
+
+    path = corpus.parent / f"{corpus.name}-pairs.jsonl"
+    if not path.exists():
+        words = sorted({w for p in sorted(corpus.rglob("*.txt")) for w in p.read_text().split() if w.isalpha()})
+        rng = random.Random(0)
+        rows = [{"prompt": " ".join(rng.sample(words, 2)), "chosen": " ".join(rng.sample(words, 2)),
+                 "rejected": "no " + " ".join(rng.sample(words, 2))} for _ in range(120)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +86,8 @@ def write_recipe(path: Path, corpus: Path, base: Path, method: str, **train) -> 
         "kind": "finetune",
         "name": f"suite-{method}",
         "model": {"path": str(base)},
-        "data": {"train": str(corpus), "seq_len": SEQ},
+        "data": ({"train": [{"source": str(pairs_file(corpus)), "format": "preference"}], "seq_len": SEQ}
+                 if method in PREFERENCE else {"train": str(corpus), "seq_len": SEQ}),
         "method": {"name": method, "options": SUITE_OPTIONS.get(method, {})},
         "train": {"max_steps": 6, "micro_batch_size": 4, "lr": 1e-2, "weight_decay": 0.0, "log_every": 1,
                   "eval_every": 0, "eval_max_tokens": 256, "checkpoint_every": 3, "keep_checkpoints": 3,

@@ -192,6 +192,18 @@ def validate_recipe(data: dict, source: str, kind: str | None = None) -> Trainin
         options.model_validate(cfg.method.options)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, f"{source}: method.options", options)) from None
+    # Preference methods train on pairs and every other method on text or chat: say so before any work.
+    wants = getattr(method_class(cfg.method.name), "data_format", "text")
+    pairs = [s.source for s in cfg.data.train if s.format == "preference"]
+    if wants == "preference" and not pairs:
+        raise ConfigError(f"{source}: method {cfg.method.name} trains on preference pairs: data.train needs a source "
+                          "with format: preference (rows with prompt or messages, chosen, rejected; or "
+                          "builtin:preference)")
+    if pairs and wants != "preference":
+        from tunelab.methods import PREFERENCE_METHODS
+
+        raise ConfigError(f"{source}: data.train: {pairs[0]} holds preference pairs: train them with method "
+                          f"{' | '.join(PREFERENCE_METHODS)} (method {cfg.method.name} trains on text and chat data)")
     return cfg
 
 

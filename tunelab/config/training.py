@@ -34,7 +34,8 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(2, ge=1)
 
 
-CHAT_BUILTINS = ("builtin:instruct",)  # built-in sources of chat examples (data/instruct.py)
+# Built-in sources generated as tables (data/instruct.py), by the format they always have.
+TABLE_BUILTINS = {"builtin:instruct": "chat", "builtin:preference": "preference"}
 
 
 class SourceSpec(Section):
@@ -45,21 +46,23 @@ class SourceSpec(Section):
     split: str = "train"  # HF datasets split
     # text: documents (text_field). chat: instruction examples (rows with `messages`, `prompt`/`response` or
     # `instruction`/`input`/`output`), rendered with the tokenizer's chat template (data/chat.py); the loss is on
-    # assistant turns only. builtin:instruct is always chat.
-    format: Literal["text", "chat"] = "text"
+    # assistant turns only. builtin:instruct is always chat. preference: pairs (rows with `prompt` or `messages`,
+    # `chosen`, `rejected`) for the preference methods (dpo, simpo, orpo); builtin:preference is always preference.
+    format: Literal["text", "chat", "preference"] = "text"
     assistant_turns: Literal["all", "last"] = "all"  # chat: which assistant turns are training targets
 
     @model_validator(mode="before")
     @classmethod
     def _instruct_is_chat(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("source") in CHAT_BUILTINS and "format" not in data:
-            data = {**data, "format": "chat"}
+        if isinstance(data, dict) and data.get("source") in TABLE_BUILTINS and "format" not in data:
+            data = {**data, "format": TABLE_BUILTINS[data["source"]]}
         return data
 
     @model_validator(mode="after")
     def _chat_options(self) -> "SourceSpec":
-        if self.source in CHAT_BUILTINS and self.format != "chat":
-            raise ValueError(f"format: {self.source} holds chat examples: leave format unset (or chat)")
+        fmt = TABLE_BUILTINS.get(self.source)
+        if fmt is not None and self.format != fmt:
+            raise ValueError(f"format: {self.source} holds {fmt} examples: leave format unset (or {fmt})")
         if self.format != "chat" and self.assistant_turns != "all":
             raise ValueError("assistant_turns: only for format: chat")
         return self
@@ -220,10 +223,11 @@ class TrainingRecipe(Section):
             raise ValueError("init_from: set either init_from (a tunelab run or checkpoint) or model.path (a model "
                              "directory), not both")
         replayed = self.data.replay.sources if self.data.replay is not None else []
-        chat = [s.source for s in self.data.train + self.data.eval + replayed if s.format == "chat"]
+        chat = [s for s in self.data.train + self.data.eval + replayed if s.format != "text"]
         if chat and self.train.objective != "clm":
-            raise ValueError(f"data: {chat[0]} is a chat source: its loss is on assistant replies, for a causal LM "
-                             "(train.objective: clm)")
+            raise ValueError(f"data: {chat[0].source} is a {chat[0].format} source: its loss is on assistant replies, "
+                             "for a causal LM (train.objective: clm)")
+        self._check_preference(replayed)
         if self.train.whole_word_masking and self.train.objective != "mlm":
             raise ValueError("train.whole_word_masking: only for train.objective: mlm (a causal LM masks nothing)")
         if (self.init_optimizer or self.init_data_state) and self.init_from is None:
@@ -232,6 +236,21 @@ class TrainingRecipe(Section):
         self._check_data_extras()
         self._check_schedule()
         return self
+
+    def _check_preference(self, replayed: list) -> None:
+        pairs = [s for s in self.data.train if s.format == "preference"]
+        elsewhere = [s for s in self.data.eval + replayed if s.format == "preference"]
+        if elsewhere:
+            raise ValueError(f"data: {elsewhere[0].source} holds preference pairs: list it in data.train (its held-out "
+                             "pairs are scored there), not in data.eval or data.replay")
+        if pairs and len(pairs) != len(self.data.train):
+            raise ValueError(f"data.train: {pairs[0].source} holds preference pairs, which cannot be mixed with text or "
+                             "chat sources in one run: run SFT and preference tuning as two stages")
+        if pairs and any(s.weight != 1.0 for s in pairs):
+            raise ValueError("data.train: preference sources are read one after another in one shuffled order; "
+                             "weights are not supported (leave weight unset)")
+        if pairs and self.data.mixture_schedule:
+            raise ValueError("data.mixture_schedule: not for preference pairs")
 
     def _check_data_extras(self) -> None:
         domains = [s.domain for s in self.data.train]

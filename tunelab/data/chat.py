@@ -32,8 +32,10 @@ the common templates; a template that rewrites earlier turns is refused). Infere
 renders the history plus the generation prompt with the same cuts, so a prompt is tokenized exactly
 as the same conversation was in training.
 
-A later preference reader renders `prompt messages + [assistant: chosen]` and `... + [assistant:
-rejected]` with `ChatRenderer.segments(..., assistant_turns="last")`.
+A source with `format: preference` holds one `PreferencePair` per row (the prompt and two replies,
+`pair_from_row` lists the forms). The token cache renders each pair as two documents, the prompt with
+the chosen reply and the prompt with the rejected one, each with `assistant_turns="last"`: the loss
+mask covers exactly the reply whose log-probability the preference methods compare.
 """
 
 from __future__ import annotations
@@ -82,22 +84,27 @@ def _text_field(row: dict, key: str, where: str) -> str | None:
     raise DataError(f"{where}: field {key!r} holds a {type(value).__name__}, not text")
 
 
+def _messages(raw, where: str, key: str = "messages") -> list[Message]:
+    if not isinstance(raw, list):
+        raise DataError(f"{where}: {key!r} must be a list of {{\"role\", \"content\"}} objects")
+    messages = []
+    for i, m in enumerate(raw):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            what = f"message {i}" if key == "messages" else f"{key} message {i}"
+            raise DataError(f"{where}: {what} is not {{\"role\": system|user|assistant, \"content\": "
+                            f"\"text\"}} (got {json.dumps(m)[:80]})")
+        messages.append((role, content))
+    return messages
+
+
 def chat_from_row(row, where: str) -> Chat:
     """A row (a dict) as a Chat; a one-line DataError naming `where` (file:line) when it is not one."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a chat example must be a JSON object, not a {type(row).__name__}")
     if row.get("messages") is not None:
-        raw = row["messages"]
-        if not isinstance(raw, list):
-            raise DataError(f"{where}: 'messages' must be a list of {{\"role\", \"content\"}} objects")
-        messages = []
-        for i, m in enumerate(raw):
-            role = m.get("role") if isinstance(m, dict) else None
-            content = m.get("content") if isinstance(m, dict) else None
-            if role not in ROLES or not isinstance(content, str):
-                raise DataError(f"{where}: message {i} is not {{\"role\": system|user|assistant, \"content\": "
-                                f"\"text\"}} (got {json.dumps(m)[:80]})")
-            messages.append((role, content))
+        messages = _messages(row["messages"], where)
     else:
         system = _text_field(row, "system", where)
         prompt, response = _text_field(row, "prompt", where), _text_field(row, "response", where)
@@ -116,6 +123,81 @@ def chat_from_row(row, where: str) -> Chat:
     if not any(role == "assistant" for role, _ in messages):
         raise DataError(f"{where}: no assistant turn, so nothing to train on; add the reply or remove the example")
     return Chat(tuple(messages))
+
+
+# ---------------------------------------------------------------- preference pairs
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preference example: the conversation so far and two replies to it, the preferred one first."""
+
+    prompt: tuple[Message, ...]
+    chosen: str
+    rejected: str
+
+    def text(self) -> str:
+        """What the held-out rule hashes: the prompt and the chosen reply, as Chat.text() writes that chat, so a
+        pair is held out exactly when the instruction example of its prompt and chosen reply is (SFT on those,
+        then preference tuning, never scores on a reply either stage trained on)."""
+        return Chat(self.prompt + (("assistant", self.chosen),)).text()
+
+    def conversations(self) -> tuple[tuple[Message, ...], tuple[Message, ...]]:
+        """The prompt followed by the chosen reply, and by the rejected one."""
+        return self.prompt + (("assistant", self.chosen),), self.prompt + (("assistant", self.rejected),)
+
+
+# Row fields a preference reader looks at (parquet and HF datasets read only these columns).
+PREFERENCE_FIELDS = ("prompt", "messages", "system", "chosen", "rejected")
+
+
+def _reply(row: dict, key: str, where: str) -> str | list[Message]:
+    value = row.get(key)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, where, key)
+    raise DataError(f"{where}: {key!r} must be the reply's text or a list of messages"
+                    + ("" if key in row else f" (missing; the row has: {', '.join(map(str, row)) or 'nothing'})"))
+
+
+def pair_from_row(row, where: str) -> PreferencePair:
+    """A row as a PreferencePair; a one-line DataError naming `where` (file:line) when it is not one.
+
+    Forms: {"prompt": str, "chosen": str, "rejected": str} (optional "system"); {"messages": [...], "chosen",
+    "rejected"} or {"prompt": [...messages], ...}, the replies as text or as one assistant message (TRL's
+    conversational form); or {"chosen": [...], "rejected": [...]}: two whole conversations that differ only
+    in their last (assistant) message, whose common start is the prompt."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a preference pair must be a JSON object, not a {type(row).__name__}")
+    chosen, rejected = _reply(row, "chosen", where), _reply(row, "rejected", where)
+    prompt_value = row.get("messages") if row.get("messages") is not None else row.get("prompt")
+    if isinstance(prompt_value, str):
+        system = _text_field(row, "system", where)
+        prompt = ([("system", system)] if system else []) + [("user", prompt_value)]
+    elif prompt_value is not None:
+        prompt = _messages(prompt_value, where, "messages" if row.get("messages") is not None else "prompt")
+    elif isinstance(chosen, list) and isinstance(rejected, list):  # two whole conversations
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    else:
+        raise DataError(f"{where}: no prompt; a preference pair needs 'prompt' (or 'messages') with 'chosen' and "
+                        "'rejected', or 'chosen' and 'rejected' as whole conversations")
+    replies = []
+    for key, reply in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(reply, list):
+            if len(reply) != 1 or reply[0][0] != "assistant":
+                raise DataError(f"{where}: {key!r} must be one assistant reply after the prompt (got "
+                                f"{len(reply)} message(s) starting with {reply[0][0] if reply else 'none'!r})")
+            reply = reply[0][1]
+        if not reply.strip():
+            raise DataError(f"{where}: {key!r} is empty; a pair needs two replies to compare")
+        replies.append(reply)
+    if not prompt or prompt[-1][0] == "assistant":
+        raise DataError(f"{where}: the prompt must end with a user (or system) turn that the replies answer")
+    return PreferencePair(tuple(prompt), replies[0], replies[1])
 
 
 # ---------------------------------------------------------------- rendering

@@ -3,8 +3,8 @@
     builtin:instruct     chat examples: "What does `json.dumps` do?" -> the first paragraph of its docstring;
                          some with a system prompt, some two-turn (then "How is it called?" -> its signature)
     builtin:preference   preference pairs for preference tuning: the same questions, `chosen` the right
-                         docstring summary, `rejected` the summary of another function (not a training
-                         source yet: the file is there for the preference methods)
+                         docstring summary, `rejected` the summary of another function (format:
+                         preference, for the preference methods: dpo, simpo, orpo)
 
 One example per documented public function or method (public module-level functions and the public
 methods of public module-level classes, test files and private modules skipped), in file order, with
@@ -13,9 +13,11 @@ gains a function. Deterministic for a Python version, like the corpus, and writt
 the chat format (data/chat.py) under <cache_dir>/builtin-instruct/<fingerprint>-v<version>/, so the
 files can be read or handed to other tools.
 
-builtin:instruct is read as that file (format: chat). Its held-out split is the usual rule
-(data/split.py) applied to whole examples: one example per function, so a held-out function is never
-trained on in any form.
+builtin:instruct is read as that file (format: chat), builtin:preference as its (format: preference). The
+held-out split is the usual rule (data/split.py) applied to whole examples: one example per function, so
+a held-out function is never trained on in any form. A pair is hashed as its prompt + chosen chat
+(chat.PreferencePair.text), so a single-turn question without a system prompt (6 in 10) is held out of
+both files alike.
 """
 
 from __future__ import annotations

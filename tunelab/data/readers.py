@@ -13,7 +13,8 @@ A document is a string, or, where a table's `text_field` holds a list of {"text"
 objects, a list of (text, loss) segments: text whose loss is false is context the model reads but is
 not trained to predict (a prompt, say). "loss" defaults to true. A source with `format: chat` reads
 tables only, one instruction example per row, each a `Chat` (data/chat.py: the forms it accepts), which
-the token cache renders with the tokenizer's chat template.
+the token cache renders with the tokenizer's chat template; `format: preference` reads one
+`PreferencePair` per row (a prompt, a chosen and a rejected reply) the same way.
 
 Everything is read lazily (a folder file by file, JSONL line by line, parquet and HF datasets in
 record batches), so memory does not grow with the source, only with its largest document. Every
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
-from tunelab.data.chat import CHAT_FIELDS, Chat, chat_from_row
+from tunelab.data.chat import CHAT_FIELDS, PREFERENCE_FIELDS, Chat, PreferencePair, chat_from_row, pair_from_row
 from tunelab.errors import DataError
 
 JSON_SUFFIXES = {".jsonl", ".json"}  # a single file given by name: .json is read as JSON Lines
@@ -42,16 +43,17 @@ BINARY_SNIFF_BYTES = 8192
 TABLE_BATCH_ROWS = 1024  # rows per parquet / HF record batch: small, so memory stays bounded
 
 Segment = tuple[str, bool]  # (text, loss)
-Document = Union[str, list[Segment], Chat]
+Document = Union[str, list[Segment], Chat, PreferencePair]
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # A segmented document's hash starts with 8 bytes no plain document's length prefix can have; a chat's too.
 _SEGMENTED_MARK = b"\xff" * 8
 _CHAT_MARK = b"\xfe" * 8
+_PAIR_MARK = b"\xfd" * 8
 
 
 def document_text(doc: Document) -> str:
-    if isinstance(doc, Chat):
+    if isinstance(doc, (Chat, PreferencePair)):
         return doc.text()
     return doc if isinstance(doc, str) else "".join(text for text, _ in doc)
 
@@ -60,6 +62,8 @@ def has_text(doc: Document) -> bool:
     # isspace() instead of strip(): no copy of a big document just to look at it.
     if isinstance(doc, Chat):
         texts = [content for _, content in doc.messages]
+    elif isinstance(doc, PreferencePair):
+        return True  # pair_from_row refuses empty replies
     else:
         texts = [doc] if isinstance(doc, str) else [text for text, _ in doc]
     return any(text and not text.isspace() for text in texts)
@@ -88,6 +92,12 @@ class Tally:
                 self._add_text(role)
                 self._add_text(content)
             self.masked = True  # only assistant turns are targets
+            return
+        if isinstance(doc, PreferencePair):
+            self._hash.update(_PAIR_MARK + len(doc.prompt).to_bytes(8, "little"))
+            for text in [t for message in doc.prompt for t in message] + [doc.chosen, doc.rejected]:
+                self._add_text(text)
+            self.masked = True  # only the replies are targets
             return
         self._hash.update(_SEGMENTED_MARK + len(doc).to_bytes(8, "little"))
         for text, loss in doc:
@@ -171,16 +181,24 @@ def _document(value, where: str, name: str, tally: Tally, json_text: bool) -> Do
     return segments or None
 
 
-def _chat(row, where: str, tally: Tally, json_text: bool) -> Chat:
+def _fix_surrogates(text: str, tally: Tally) -> str:
+    text, fixed = _SURROGATES.subn("\ufffd", text)
+    tally.decode_errors += fixed
+    return text
+
+
+def _row_document(row, table_format: str, where: str, tally: Tally, json_text: bool) -> Chat | PreferencePair:
+    """One row of a chat or preference table (lone surrogates in JSON text replaced, as in _document)."""
+    if table_format == "preference":
+        pair = pair_from_row(row, where)
+        if not json_text:
+            return pair
+        return PreferencePair(tuple((role, _fix_surrogates(content, tally)) for role, content in pair.prompt),
+                              _fix_surrogates(pair.chosen, tally), _fix_surrogates(pair.rejected, tally))
     chat = chat_from_row(row, where)
     if not json_text:
         return chat
-    messages = []
-    for role, content in chat.messages:  # lone surrogates, as in _document
-        content, fixed = _SURROGATES.subn("\ufffd", content)
-        tally.decode_errors += fixed
-        messages.append((role, content))
-    return Chat(tuple(messages))
+    return Chat(tuple((role, _fix_surrogates(content, tally)) for role, content in chat.messages))
 
 
 # ---------------------------------------------------------------- files
@@ -196,7 +214,7 @@ def _read_text(path: Path, tally: Tally) -> str:
     return text
 
 
-def _iter_jsonl(path: Path, name: str, tally: Tally, chat: bool = False) -> Iterator[Document]:
+def _iter_jsonl(path: Path, name: str, tally: Tally, table_format: str = "text") -> Iterator[Document]:
     with _open(path) as f:
         if b"\0" in f.read(BINARY_SNIFF_BYTES):
             raise _BinaryFile(path)
@@ -211,11 +229,11 @@ def _iter_jsonl(path: Path, name: str, tally: Tally, chat: bool = False) -> Iter
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                what = "a chat example" if chat else f"the text under {name!r}"
+                what = f"a {table_format} example" if table_format != "text" else f"the text under {name!r}"
                 raise DataError(f"{path}:{lineno}: not a JSON object ({err.msg}, column {err.colno}); {path.suffix} "
                                 f"files need one JSON object per line with {what}") from None
-            if chat:
-                yield _chat(row, f"{path}:{lineno}", tally, json_text=True)
+            if table_format != "text":
+                yield _row_document(row, table_format, f"{path}:{lineno}", tally, json_text=True)
                 continue
             if not isinstance(row, dict) or name not in row:
                 has = ", ".join(map(str, row)) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
@@ -230,15 +248,18 @@ def _parquet_error(path: Path, err: Exception) -> DataError:
     return DataError(f"{path}: cannot read parquet ({str(err).splitlines()[0][:200]}); check the file")
 
 
-def _chat_columns(names: list[str], where) -> list[str]:
-    columns = [c for c in CHAT_FIELDS if c in names]
+def _table_columns(names: list[str], table_format: str, where) -> list[str]:
+    fields = PREFERENCE_FIELDS if table_format == "preference" else CHAT_FIELDS
+    columns = [c for c in fields if c in names]
     if not columns:
-        raise DataError(f"{where}: no chat columns (has: {', '.join(names)}); a chat source needs 'messages', "
-                        "'prompt' + 'response', or 'instruction' + 'output'")
+        needs = ("'prompt' (or 'messages'), 'chosen' and 'rejected'" if table_format == "preference" else
+                 "'messages', 'prompt' + 'response', or 'instruction' + 'output'")
+        raise DataError(f"{where}: no {table_format} columns (has: {', '.join(names)}); a {table_format} source "
+                        f"needs {needs}")
     return columns
 
 
-def _iter_parquet(path: Path, name: str, tally: Tally, chat: bool = False) -> Iterator[Document]:
+def _iter_parquet(path: Path, name: str, tally: Tally, table_format: str = "text") -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     with _open(path) as f:
@@ -247,10 +268,10 @@ def _iter_parquet(path: Path, name: str, tally: Tally, chat: bool = False) -> It
             names = table.schema_arrow.names
         except Exception as err:
             raise _parquet_error(path, err) from None
-        if not chat and name not in names:
+        if table_format == "text" and name not in names:
             raise DataError(f"{path}: no column {name!r} (has: {', '.join(names)}); "
                             "set text_field in the source to the column holding the text")
-        columns = _chat_columns(names, path) if chat else [name]
+        columns = _table_columns(names, table_format, path) if table_format != "text" else [name]
         batches = table.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=columns)
         row_number = 0
         while True:
@@ -260,9 +281,9 @@ def _iter_parquet(path: Path, name: str, tally: Tally, chat: bool = False) -> It
                 raise _parquet_error(path, err) from None
             if batch is None:
                 return
-            if chat:
+            if table_format != "text":
                 for row in batch.to_pylist():
-                    yield _chat(row, f"{path}: row {row_number}", tally, json_text=False)
+                    yield _row_document(row, table_format, f"{path}: row {row_number}", tally, json_text=False)
                     row_number += 1
                 continue
             for value in batch.column(0).to_pylist():
@@ -271,18 +292,18 @@ def _iter_parquet(path: Path, name: str, tally: Tally, chat: bool = False) -> It
                     yield doc
 
 
-def _iter_file(path: Path, name: str, table_suffixes: set[str], tally: Tally, chat: bool = False
+def _iter_file(path: Path, name: str, table_suffixes: set[str], tally: Tally, table_format: str = "text"
                ) -> Iterator[Document]:
     suffix = path.suffix.lower()
     if suffix not in table_suffixes:
-        if chat:
-            raise DataError(f"{path}: a chat source reads tables (.jsonl, .json, .parquet), not text files; "
+        if table_format != "text":
+            raise DataError(f"{path}: a {table_format} source reads tables (.jsonl, .json, .parquet), not text files; "
                             "move the file out of the source or set format: text")
         yield _read_text(path, tally)
     elif suffix == ".parquet":
-        yield from _iter_parquet(path, name, tally, chat)
+        yield from _iter_parquet(path, name, tally, table_format)
     else:
-        yield from _iter_jsonl(path, name, tally, chat)
+        yield from _iter_jsonl(path, name, tally, table_format)
 
 
 def folder_files(root: Path) -> list[Path]:
@@ -294,10 +315,10 @@ def folder_files(root: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _iter_folder(root: Path, name: str, tally: Tally, chat: bool = False) -> Iterator[Document]:
+def _iter_folder(root: Path, name: str, tally: Tally, table_format: str = "text") -> Iterator[Document]:
     for path in folder_files(root):
         try:
-            yield from _iter_file(path, name, FOLDER_TABLE_SUFFIXES, tally, chat)
+            yield from _iter_file(path, name, FOLDER_TABLE_SUFFIXES, tally, table_format)
         except _BinaryFile:  # raised before the file yields anything: nothing half-read
             tally.binary_files.append(path.relative_to(root).as_posix())
 
@@ -306,16 +327,16 @@ def source_path(source: str) -> Path:
     return Path(source.removeprefix("hf:")).expanduser()
 
 
-def iter_path(source: str, name: str, tally: Tally, chat: bool = False) -> Iterator[Document]:
+def iter_path(source: str, name: str, tally: Tally, table_format: str = "text") -> Iterator[Document]:
     path = source_path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file or folder; fix the path in the recipe's data section "
                         "(or --set data.train=PATH)")
     if path.is_dir():
-        yield from _iter_folder(path, name, tally, chat)
+        yield from _iter_folder(path, name, tally, table_format)
         return
     try:
-        yield from _iter_file(path, name, JSON_SUFFIXES | {".parquet"}, tally, chat)
+        yield from _iter_file(path, name, JSON_SUFFIXES | {".parquet"}, tally, table_format)
     except _BinaryFile:
         raise DataError(f"{source}: looks binary (NUL bytes in its first 8 KB), not text; give a UTF-8 text, "
                         "JSONL or parquet file") from None
@@ -357,10 +378,11 @@ def _load_hf(spec, cache_dir: Path):
 def iter_hf(spec, cache_dir: Path, tally: Tally) -> Iterator[Document]:
     ds = _load_hf(spec, cache_dir)
     name = spec.text_field
-    if getattr(spec, "format", "text") == "chat":
-        columns = _chat_columns(ds.column_names, spec.source)
+    table_format = getattr(spec, "format", "text")
+    if table_format != "text":
+        columns = _table_columns(ds.column_names, table_format, spec.source)
         for index, row in enumerate(ds.select_columns(columns)):  # rows from the memory-mapped Arrow files
-            yield _chat(row, f"{spec.source}: row {index}", tally, json_text=False)
+            yield _row_document(row, table_format, f"{spec.source}: row {index}", tally, json_text=False)
         return
     if name not in ds.column_names:
         raise DataError(f"{spec.source}: no column {name!r} (has: {', '.join(ds.column_names)}); "

@@ -36,9 +36,9 @@ class Truncation:
     dropped: int = 0  # longer than seq_len, and the last reply does not fit with a token of its prompt
 
 
-def example_spans(n_tokens: int, starts: np.ndarray, mask: np.ndarray | None, seq_len: int
-                  ) -> tuple[np.ndarray, np.ndarray, Truncation]:
-    """(start, end) token offsets of every example that is kept, truncated to seq_len, and the counts."""
+def truncated_spans(n_tokens: int, starts: np.ndarray, mask: np.ndarray | None, seq_len: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Truncation]:
+    """(start, end, kept?) of every example, the start moved so that a kept example fits seq_len; the counts."""
     starts = np.asarray(starts, dtype=np.int64)
     ends = np.append(starts[1:], n_tokens)
     lengths = ends - starts
@@ -64,7 +64,14 @@ def example_spans(n_tokens: int, starts: np.ndarray, mask: np.ndarray | None, se
         else:
             keep[i] = False
             stats.dropped += 1
-    return keep_start[keep], ends[keep], stats
+    return keep_start, ends, keep, stats
+
+
+def example_spans(n_tokens: int, starts: np.ndarray, mask: np.ndarray | None, seq_len: int
+                  ) -> tuple[np.ndarray, np.ndarray, Truncation]:
+    """(start, end) token offsets of every example that is kept, truncated to seq_len, and the counts."""
+    start, end, keep, stats = truncated_spans(n_tokens, starts, mask, seq_len)
+    return start[keep], end[keep], stats
 
 
 def pack_rows(lengths: np.ndarray, seq_len: int, one_per_row: bool) -> list[list[int]]:
@@ -157,3 +164,66 @@ def packed_sequences(tokens: np.ndarray, seq_len: int, eos_id: int, packing: str
     if starts is not None and packing in ("document", "pad"):
         return ExampleRows(tokens, starts, loss_mask, seq_len, pad_id=eos_id, one_per_row=packing == "pad")
     return PackedSequences(tokens, seq_len, eos_id, packing != "concat", loss_mask=loss_mask)
+
+
+# ---------------------------------------------------------------- preference pairs
+
+
+class PairSet:
+    """The preference pairs of one split. The token cache writes pair i as documents 2i (prompt + chosen reply)
+    and 2i + 1 (prompt + rejected reply), the replies as targets. Each document is truncated by the rule above;
+    a pair loses both documents when either is dropped, and a pair whose two documents are the same tokens
+    (chosen = rejected: it carries no preference) is skipped. Both are counted and reported by `describe()`."""
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, loss_mask: np.ndarray, seq_len: int):
+        if len(starts) % 2:
+            raise ValueError(f"a preference split holds pairs of documents, got {len(starts)} documents")
+        self.tokens, self.loss_mask, self.seq_len = tokens, loss_mask, seq_len
+        start, end, keep, self.truncation = truncated_spans(len(tokens), starts, loss_mask, seq_len)
+        full_start = np.asarray(starts, dtype=np.int64).reshape(-1, 2)
+        full_end = np.append(np.asarray(starts[1:], dtype=np.int64), len(tokens)).reshape(-1, 2)
+        self.pairs = len(full_start)
+        self.identical = np.array([np.array_equal(tokens[a:b], tokens[c:d])
+                                   for (a, c), (b, d) in zip(full_start, full_end)], dtype=bool)
+        kept = keep.reshape(-1, 2).all(axis=1)
+        self.dropped = int((~kept).sum())
+        self.cut = int(((start != np.asarray(starts)).reshape(-1, 2).any(axis=1) & kept).sum())
+        index = np.flatnonzero(kept & ~self.identical)
+        self.start, self.end = start.reshape(-1, 2)[index], end.reshape(-1, 2)[index]
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __getitem__(self, i: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """((chosen ids, chosen mask), (rejected ids, rejected mask)) of pair i."""
+        return tuple((np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.loss_mask[a:b], dtype=np.int64))
+                     for a, b in zip(self.start[i], self.end[i]))
+
+    def tokens_of(self, i: int) -> int:
+        return int((self.end[i] - self.start[i]).sum())
+
+    def describe(self, name: str) -> list[str]:
+        lines = [f"data {name}: {len(self):,} preference pairs of {self.pairs:,} (each reply at most "
+                 f"data.seq_len={self.seq_len} tokens with its prompt)"]
+        if self.cut or self.dropped:
+            lines.append(f"warning: {name}: {self.cut + self.dropped:,} of {self.pairs:,} pairs are longer than "
+                         f"data.seq_len={self.seq_len}: {self.cut:,} cut from the left (the start of their prompt is "
+                         f"lost), {self.dropped:,} dropped (a reply does not fit with a token of its prompt)")
+        if self.identical.any():
+            lines.append(f"warning: {name}: {int(self.identical.sum()):,} pairs have the same chosen and rejected "
+                         "reply and are skipped (they carry no preference); fix or remove them")
+        return lines
+
+
+def collate_pairs(pairs: list, pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of pairs as rows: the chosen replies first, then the rejected ones in the same order, each padded
+    on the right (pad_id, mask 0) to the longest. Causal attention never looks right, so no row attends to its
+    padding and no attention mask is needed."""
+    rows = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    loss_mask = np.zeros((len(rows), width), dtype=np.int64)
+    for r, (ids, mask) in enumerate(rows):
+        input_ids[r, :len(ids)] = ids
+        loss_mask[r, :len(ids)] = mask
+    return {"input_ids": input_ids, "loss_mask": loss_mask}

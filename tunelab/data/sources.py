@@ -4,6 +4,7 @@ did not change), and texts for tokenizer training.
     builtin:prose|code|tests   the stdlib corpus (tunelab.data.builtin), which keeps its own cache
     builtin:instruct           chat examples generated from the stdlib (tunelab.data.instruct) into a
                                JSONL file in the cache, then read as that file (format: chat)
+    builtin:preference         preference pairs generated the same way (format: preference)
     files, folders, hf:<dir>   read by tunelab.data.readers (formats and errors described there)
 
 The content hash is sha256 over the source's non-blank documents in order (readers.Tally.add).
@@ -63,17 +64,15 @@ def _quiet(*args) -> None:
 
 
 def _generated(spec: SourceSpec, cache_dir: Path) -> SourceSpec:
-    """A built-in source that is generated into a file (builtin:instruct) as a spec of that file; others as
+    """A built-in source that is generated into a file (builtin:instruct, builtin:preference) as a spec of that file; others as
     they are. The file lives in the cache, so its stat index works as for any file."""
-    if spec.source == "builtin:preference":
-        raise DataError("builtin:preference holds preference pairs (messages, chosen, rejected) for preference "
-                        "tuning, not documents or chat examples: train on builtin:instruct")
-    if spec.source != "builtin:instruct":
+    name = {"builtin:instruct": "instruct", "builtin:preference": "preference"}.get(spec.source)
+    if name is None:
         return spec
     from tunelab.data.instruct import builtin_instruct_file  # lazy: only this source scans the stdlib
 
-    return spec.model_copy(update={"source": str(builtin_instruct_file("instruct", Path(cache_dir))),
-                                   "name": spec.domain, "format": "chat"})
+    return spec.model_copy(update={"source": str(builtin_instruct_file(name, Path(cache_dir))),
+                                   "name": spec.domain, "format": "chat" if name == "instruct" else "preference"})
 
 
 # ---------------------------------------------------------------- documents
@@ -106,7 +105,7 @@ def iter_documents(spec: SourceSpec, cache_dir: Path, log: Callable = print, tal
     elif source.startswith("hf:"):
         docs = iter_hf(spec, Path(cache_dir), tally)
     else:
-        docs = iter_path(source, spec.text_field, tally, chat=spec.format == "chat")
+        docs = iter_path(source, spec.text_field, tally, table_format=spec.format)
     for doc in docs:
         if has_text(doc):
             tally.add(doc)
@@ -156,7 +155,7 @@ def _listing(spec: SourceSpec) -> _Listing | None:
     except OSError:
         return None
     split = spec.split if spec.source.startswith("hf:") else None
-    chat = ["chat"] if spec.format == "chat" else []  # the same files read as chat examples: another content
+    chat = [spec.format] if spec.format != "text" else []  # the same files read as chat examples: another content
     blob = json.dumps([READER_VERSION, spec.text_field, split, rows] + chat)
     racy = any(mtime >= taken - RACY_SECONDS * 10**9 for _, _, mtime in rows)
     return _Listing(hashlib.sha256(blob.encode()).hexdigest(), len(rows), racy)
@@ -165,7 +164,7 @@ def _listing(spec: SourceSpec) -> _Listing | None:
 def _index_path(spec: SourceSpec, cache_dir: Path) -> Path:
     kind = "hf" if spec.source.startswith("hf:") else "path"
     split = spec.split if kind == "hf" else None
-    chat = ["chat"] if spec.format == "chat" else []
+    chat = [spec.format] if spec.format != "text" else []
     name = json.dumps([kind, str(source_path(spec.source).resolve()), spec.text_field, split] + chat)
     return Path(cache_dir) / "sources" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.json"
 

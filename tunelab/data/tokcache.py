@@ -8,11 +8,12 @@ split=False (an eval-only source scored whole) every document goes to eval and t
 Cache layout:
     <cache_dir>/tokens/<key>/{train.bin, eval.bin, meta.json}
     (+ train.mask.bin, eval.mask.bin: uint8 loss masks, only for a source with masked segments)
-    (+ train.starts.bin, eval.starts.bin: int64 document starts, only for a chat source)
+    (+ train.starts.bin, eval.starts.bin: int64 document starts, only for a chat or preference source)
 with key = sha256(format version, content hash, tokenizer fingerprint, eos id, the tokenizer's own
 prefix/suffix ids, eval fraction or "unsplit"; for a chat source also the chat template and which
 assistant turns are targets). A chat source's examples are rendered here, with the tokenizer's template
-(data/chat.py), after the held-out split has been decided on the examples themselves. The content
+(data/chat.py), after the held-out split has been decided on the examples themselves; a preference pair
+becomes two documents in a row (prompt + chosen, prompt + rejected), on the same side of the split. The content
 hash comes from the source's stat index (tunelab.data.sources), so a cached source whose files did
 not change is not even opened. An entry
 is written into a temporary folder and renamed into place, so a crash never leaves a half entry and
@@ -35,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from tunelab.config import SourceSpec
-from tunelab.data.chat import BUILTIN_TEMPLATE, Chat, ChatRenderer
+from tunelab.data.chat import BUILTIN_TEMPLATE, Chat, ChatRenderer, PreferencePair
 from tunelab.data.encode import (SplitFile, closing_tokens, encoder, special_tokens, token_dtype,
                                  tokenizer_fingerprint, write_pieces)
 from tunelab.data.readers import Tally
@@ -118,13 +119,18 @@ def _tokenize_into(folder: Path, spec: SourceSpec, cache_dir: Path, identity: So
     closing = closing_tokens(suffix, eos_id)
     dtype = token_dtype(tokenizer, eos_id)
     encode = encoder(tokenizer)
-    chat = spec.format == "chat"
+    chat = spec.format in ("chat", "preference")
     renderer = ChatRenderer(tokenizer, where=spec.source) if chat else None
 
     def rendered(pieces):
-        """A chat example as (text, loss) segments; split_pieces has already decided its side on the example."""
+        """A chat example as (text, loss) segments, a preference pair as two such documents (the prompt with each
+        reply, only the reply a target); split_pieces has already decided the side on the whole example."""
         for held, piece in pieces:
-            yield held, renderer.segments(piece.messages, spec.assistant_turns) if isinstance(piece, Chat) else piece
+            if isinstance(piece, PreferencePair):
+                for conversation in piece.conversations():
+                    yield held, renderer.segments(conversation, "last")
+            else:
+                yield held, renderer.segments(piece.messages, spec.assistant_turns) if isinstance(piece, Chat) else piece
 
     def one_pass(held_out: HeldOut | None) -> tuple[SplitFile, SplitFile, Tally]:
         tally = Tally()
@@ -198,7 +204,9 @@ def tokenize_source(spec: SourceSpec, tokenizer, eos_id: int, cache_dir: Path, e
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
     identity = source_identity(spec, cache_dir, log=_quiet)  # warnings: logged below, cached or not
-    rendering = ([ChatRenderer(tokenizer).identity, spec.assistant_turns] if spec.format == "chat" else None)
+    rendering = None
+    if spec.format != "text":  # the template and what is a target change the tokens and masks
+        rendering = [ChatRenderer(tokenizer).identity, "preference" if spec.format == "preference" else spec.assistant_turns]
     key = cache_key(identity.content_hash, tokenizer, eos_id, eval_fraction, split, rendering)
     where = cache_dir / "tokens" / key
     entry = _load_entry(where)

@@ -33,7 +33,12 @@ METHODS: dict[str, str] = {
     "hft": "tunelab.methods.hft:HFT",
     "mezo": "tunelab.methods.mezo:MeZO",
     "sparse": "tunelab.methods.sparse:SparseFT",
+    # Preference tuning on pairs (format: preference); any of the methods above chooses the weights (`tuning`).
+    "dpo": "tunelab.methods.preference:DPO",
+    "simpo": "tunelab.methods.preference:SimPO",
+    "orpo": "tunelab.methods.preference:ORPO",
 }
+PREFERENCE_METHODS = ("dpo", "simpo", "orpo")
 
 
 def method_class(name: str):

@@ -15,6 +15,8 @@ The loop in train/loop.py calls these hooks, in this order, and nothing method-s
                method.after_backward(model, step)        # e.g. mask gradients (sparse fine-tuning)
                optimizer.step()
                method.after_step(model, step)            # e.g. re-apply pruning masks
+    log steps: method.metrics() -> {name: value}          # logged with the train event (DPO's rewards); on
+                                                         #   every process: it may all-reduce
     checkpoint: method.state_dict()      -> JSON (state.json)
                 method.tensor_state()    -> tensors (method.safetensors): masks, index sets
                 method.weights_to_save(model) -> None: the whole model; a dict: only these tensors
@@ -122,6 +124,10 @@ class Method:
 
     def after_step(self, model, step: int) -> None:
         pass
+
+    def metrics(self) -> dict[str, float]:
+        """Extra training metrics since the last log step (called on every process, so it may all-reduce)."""
+        return {}
 
     # ---- checkpoints
     def state_dict(self) -> dict:

@@ -21,6 +21,7 @@ class TrainingData:
     eval_sources: list  # eval-only sources (scored whole, or held-out when an ancestor trained on them)
     eval_splits: dict = field(default_factory=dict)  # domain -> (tokens, loss mask or None)
     eval_starts: dict = field(default_factory=dict)  # domain -> example starts (chat sources: scored whole)
+    eval_pairs: dict = field(default_factory=dict)  # domain -> held-out data.rows.PairSet (preference sources)
     replay_sources: list = field(default_factory=list)  # TokenizedSource of each replay source
     # domain -> "target" (trained on now) or "reference" (old data: replay, data.eval, ancestors' domains)
     roles: dict = field(default_factory=dict)
@@ -46,7 +47,7 @@ def ancestor_specs(model_dir: Path | None, log=print) -> list:
 def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None) -> TrainingData:
     from tunelab.data import source_content_hash, tokenize_source, tokenize_sources
     from tunelab.data.chat import BUILTIN_TEMPLATE
-    from tunelab.data.rows import ExampleRows, packed_sequences
+    from tunelab.data.rows import ExampleRows, PairSet, packed_sequences
     from tunelab.runs import trained_sources
 
     init = init or resolve_init(cfg)
@@ -93,6 +94,14 @@ def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None)
         replay = [old_data(spec, split=True) for spec in specs]
     sets = []
     for src in sources + replay:
+        if src.spec.format == "preference":  # pairs, batched by train/batches.py PreferenceBatches
+            packed = PairSet(src.train, src.train_starts, src.train_mask, cfg.data.seq_len)
+            for line in packed.describe(src.domain):
+                log(line)
+            if len(packed) == 0:
+                raise DataError(f"{src.spec.source}: no preference pairs to train on (see the warnings above)")
+            sets.append(packed)
+            continue
         packed = packed_sequences(src.train, cfg.data.seq_len, eos, cfg.data.packing, src.train_mask,
                                   src.train_starts)
         if isinstance(packed, ExampleRows):
@@ -117,9 +126,15 @@ def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None)
             if spec.domain not in known and source_content_hash(spec, cache, log=log) not in hashes:
                 eval_only.append(old_data(spec))
                 known.add(spec.domain)
-    splits = {s.domain: (s.eval, s.eval_mask) for s in sources + replay + eval_only}
-    starts = {s.domain: s.eval_starts for s in sources + replay + eval_only if s.eval_starts is not None}
-    for src in sources + replay + eval_only:  # held-out chat examples are scored whole: what cutting them costs
+    pairs = {s.domain: PairSet(s.eval, s.eval_starts, s.eval_mask, cfg.data.seq_len) for s in sources
+             if s.spec.format == "preference"}
+    for domain, held in pairs.items():
+        for line in held.describe(f"{domain} (held out)")[1:]:
+            log(line)
+    texts = [s for s in sources + replay + eval_only if s.domain not in pairs]
+    splits = {s.domain: (s.eval, s.eval_mask) for s in texts}
+    starts = {s.domain: s.eval_starts for s in texts if s.eval_starts is not None}
+    for src in texts:  # held-out chat examples are scored whole: what cutting them costs
         if src.eval_starts is not None and len(src.eval_starts):
             warning = ExampleRows(src.eval, src.eval_starts, src.eval_mask, cfg.data.seq_len, eos).describe(
                 f"{src.domain} (held out)", "document")[1:]
@@ -127,7 +142,7 @@ def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None)
                 log(line)
     roles = {s.domain: "target" for s in sources} | {s.domain: "reference" for s in replay + eval_only}
     return TrainingData(sets=sets, sources=sources, eval_sources=eval_only, eval_splits=splits, eval_starts=starts,
-                        replay_sources=replay, roles=roles, fractions=fractions)
+                        eval_pairs=pairs, replay_sources=replay, roles=roles, fractions=fractions)
 
 
 def mixture_plan(cfg, data: TrainingData) -> tuple[list[float], list[tuple[int, list[float]]]]:
@@ -154,10 +169,13 @@ def mixture_plan(cfg, data: TrainingData) -> tuple[list[float], list[tuple[int, 
 
 def packed_batches(cfg, data: TrainingData, tokenizer, d):
     from tunelab.data import Mixture
-    from tunelab.train.batches import PackedBatches
+    from tunelab.train.batches import PackedBatches, PreferenceBatches
     from tunelab.train.objectives import word_table
 
     tc = cfg.train
+    if data.eval_pairs:  # preference sources (the recipe checks refuse mixing them with text)
+        return PreferenceBatches(sets=data.sets, micro=tc.micro_batch_size, accum=tc.grad_accum,
+                                 pad_id=models.eos_id(tokenizer), rank=d.rank, world=d.world, seed=tc.seed)
     mask_id = tokenizer.mask_token_id if tc.objective == "mlm" else None
     if tc.objective == "mlm" and mask_id is None:
         raise DataError("train.objective=mlm needs a tokenizer with a mask token: train one (unset tokenizer.path) "
@@ -185,7 +203,13 @@ def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
         word_table=word_table(tokenizer) if tc.whole_word_masking else None)
 
     def evaluate(model, step: int) -> dict:
-        return {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=models.eos_id(tokenizer),
+        from tunelab.eval.preference import evaluate_pairs
+
+        pairs = {domain: evaluate_pairs(model, held, batch_size=tc.micro_batch_size, pad_id=models.eos_id(tokenizer),
+                                        device=device, autocast_dtype=autocast_dtype(tc.precision),
+                                        max_tokens=tc.eval_max_tokens)
+                 for domain, held in data.eval_pairs.items()}
+        return pairs | {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=models.eos_id(tokenizer),
                                         document_mask=cfg.data.packing != "concat", byte_lengths=byte_lengths,
                                         max_tokens=tc.eval_max_tokens, batch_size=tc.micro_batch_size, device=device,
                                         autocast_dtype=autocast_dtype(tc.precision), objective=tc.objective,

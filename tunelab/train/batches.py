@@ -4,7 +4,7 @@ A batch source hands each process its `grad_accum` micro-batches for a step, eac
 of targets its loss averages over (the loop weights micro-batches by it, so the step's loss is
 the mean over the whole global batch whatever the split). Its state is saved in every
 checkpoint. The default, `PackedBatches`, packs the recipe's text; a method can supply another
-(preference pairs, say) through `Method.batch_source`, with the same four members:
+(preference pairs: PreferenceBatches, below) through `Method.batch_source`, with the same four members:
 
     tokens_per_step    input tokens of one global batch (all processes), for the token axis
     targets_known      True when every micro-batch's target count is known in advance: the loop
@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunelab.data import Mixture, PackedSequences, collate
+from tunelab.errors import DataError
 from tunelab.train.objectives import WordTable, add_labels, count_targets, sequence_seed
 
 
@@ -90,3 +91,77 @@ class PackedBatches:
     def load_state_dict(self, state: dict) -> None:
         self.mixture.load_state_dict(state)
         self.phase = int(state.get("phase", 0))
+
+
+@dataclass
+class PreferenceBatches:
+    """Preference pairs, `micro` per micro-batch (data/rows.py collate_pairs: chosen rows, then rejected rows).
+
+    The pairs of all preference sources form one list, shuffled once per epoch by (seed, epoch); step s takes
+    the next `micro * accum * world` of that endless order, so what a step trains on is a pure function of the
+    step: DDP splits it like PackedBatches (micro-batch m of rank r is slice m * world + r), and a resumed run
+    draws what an uninterrupted one would. The loss is a mean over pairs: every micro-batch counts its pairs.
+    """
+    sets: list  # data.rows.PairSet, one per preference source
+    micro: int
+    accum: int
+    pad_id: int
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+    targets_known: bool = True  # every micro-batch holds `micro` pairs
+    last_tokens: int = 0  # input tokens (no padding) of the last global batch drawn, all processes
+
+    def __post_init__(self):
+        self.index = [(s, i) for s, pairs in enumerate(self.sets) for i in range(len(pairs))]
+        if not self.index:
+            raise DataError("data.train: no preference pairs left to train on (see the warnings above)")
+        self._epoch: tuple[int, list[int]] | None = None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.last_tokens
+
+    def pair_at(self, position: int) -> tuple[int, int]:
+        """(source, pair) at a position of the endless shuffled order."""
+        import numpy as np
+
+        epoch, offset = divmod(position, len(self.index))
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.index)).tolist())
+        return self.index[self._epoch[1][offset]]
+
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        size = self.micro * self.accum * self.world
+        return [self.pair_at(p) for p in range(step * size, (step + 1) * size)]
+
+    def next(self, step: int) -> list[tuple[dict, int]]:
+        import torch
+
+        from tunelab.data.rows import collate_pairs
+
+        pairs = self.global_batch(step)
+        self.last_tokens = sum(self.sets[s].tokens_of(i) for s, i in pairs)
+        self.drawn = (step + 1) * len(pairs)
+        out = []
+        for m in range(self.accum):
+            start = (m * self.world + self.rank) * self.micro
+            mine = pairs[start:start + self.micro]
+            batch = collate_pairs([self.sets[s][i] for s, i in mine], self.pad_id)
+            batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+            batch["pair_id"] = torch.tensor([self.pair_id(s, i) for s, i in mine], dtype=torch.int64)
+            out.append((batch, len(mine)))
+        return out
+
+    def pair_id(self, source: int, pair: int) -> int:
+        """The pair's number in `index` (all sources' pairs in order): the key of a cached reference log-prob."""
+        return sum(len(p) for p in self.sets[:source]) + pair
+
+    def state_dict(self) -> dict:
+        return {"preference_pairs_drawn": getattr(self, "drawn", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "preference_pairs_drawn" not in state:
+            raise DataError("init_data_state: the run carried from did not train on preference pairs; its data state "
+                            "does not apply (set init_data_state: false)")
+        self.drawn = int(state["preference_pairs_drawn"])

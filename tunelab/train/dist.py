@@ -8,6 +8,7 @@ checkpoint decisions) over gloo, so no call site has to know which device a tens
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ def init() -> Dist:
         device = torch.device("cpu")
     if world > 1 and not tdist.is_initialized():
         tdist.init_process_group(backend="cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        atexit.register(lambda: tdist.is_initialized() and tdist.destroy_process_group())
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
@@ -80,5 +82,7 @@ def wrap(model, d: Dist):
 
 
 def shutdown(d: Dist) -> None:
-    if d.enabled and tdist.is_initialized():
-        tdist.destroy_process_group()
+    """The end of a stage; the process group stays joined until the process exits (atexit above). A
+    process may run several stages (`tunelab run`, a lottery), and a group created again after
+    destroy_process_group meets the first one's keys in torchrun's store: gloo then connects to an
+    address that is gone ("Connection refused") or hangs."""

@@ -164,6 +164,7 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
                      "tokens_per_s": round(tok_s, 1)}
             if grad_norm is not None:
                 event["grad_norm"] = float(grad_norm)
+            event.update(method.metrics())  # e.g. DPO's rewards (a collective: every process calls it)
             if hasattr(batches, "source_tokens"):  # what each source (replay included) actually contributed
                 event["source_tokens"] = batches.source_tokens()
             run.log(event)

@@ -1,0 +1,300 @@
+"""Preference tuning on pairs (format: preference): DPO, and the reference-free SimPO and ORPO.
+
+Each pair is a prompt with a chosen and a rejected reply. A batch (train/batches.py PreferenceBatches)
+holds both replies of every pair; one forward gives the summed log-probability of each reply's tokens
+(eval/preference.py sequence_logps), and the method turns the two into a loss per pair (mean over pairs):
+
+    dpo     -log σ(β [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))])     (Rafailov et al. 2023)
+            with label_smoothing ε: (1 - ε) of that + ε of the same with c and r swapped (conservative DPO)
+    simpo   -log σ(β (log π(c)/|c| - log π(r)/|r|) - γ)       per-token means, no reference (Meng et al. 2024)
+    orpo    -log π(c)/|c| + β · -log σ(log odds(c) - log odds(r)),  odds(y) = p/(1 - p), p = π(y)^(1/|y|),
+            no reference (Hong et al. 2024; β is the paper's λ, TRL's ORPOConfig.beta). The NLL term is the
+            per-token mean of each chosen reply, averaged over pairs, so any split of a batch adds up the same
+            (TRL averages over all chosen tokens of a batch, prompts included: equal only when the prompts are
+            empty and the replies of a batch equally long; tests/unit/test_preference_trl.py compares there)
+
+Checked against TRL 1.16 (tests/unit/test_preference_trl.py: losses and gradients on the same model and
+tokens). Note that TRL's `loss_type="sigmoid"` ignores its `label_smoothing`; here it is conservative DPO.
+
+Which weights train, and how they are saved, is another method's job: `tuning: {name, options}` names any
+method that trains with backward on the standard batches (full, lora, dora via lora options, ia3, lisa,
+...), and every hook but the loss and the batches is delegated to it. DPO's reference is the starting
+model: with an adapter method (peft), the same model with the adapter disabled (no second copy in
+memory); otherwise the reference log-probs of every pair the run will draw are computed once from the
+starting weights before the first step and kept on the device (a few bytes per pair). A resumed run
+computes them again from the same starting weights: the same numbers, so resume stays exact.
+
+Logged with every train event (means over the logged step's pairs, all processes, like the loss):
+rewards_chosen / rewards_rejected (β times the reply's log-ratio to the reference for DPO; β times the
+per-token mean log-prob for SimPO and ORPO), reward_margin, reward_accuracy (chosen > rejected),
+logps_chosen / logps_rejected (summed log-probs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import ConfigError
+from tunelab.methods.base import Method
+
+METRICS = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "reward_margin",
+           "reward_accuracy")
+
+
+class Tuning(BaseModel):
+    """The method that chooses which weights train (and saves them)."""
+    model_config = ConfigDict(extra="forbid")
+    name: str = "full"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _usable(self) -> "Tuning":
+        from tunelab.config import did_you_mean
+        from tunelab.methods import METHODS, PREFERENCE_METHODS, method_class
+
+        if self.name in PREFERENCE_METHODS:
+            raise ValueError(f"{self.name} is a preference method itself; name the method that chooses the "
+                             "trained weights (full, lora, ...)")
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}{did_you_mean(self.name, METHODS)}")
+        cls = method_class(self.name)
+        why = ("it has no backward pass" if not cls.uses_backward else
+               "it brings its own batches" if cls.batch_source is not Method.batch_source else
+               "it brings its own loss" if cls.loss is not Method.loss else None)
+        if why:
+            raise ValueError(f"{self.name} cannot choose the weights of a preference method: {why}")
+        try:
+            cls.Options.model_validate(self.options)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"options.{where}: {first['msg']}" if where else f"options: {first['msg']}") from None
+        return self
+
+
+class PreferenceOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tuning: Tuning = Field(default_factory=Tuning)
+
+
+def _unwrapped(model):
+    """The module under torch.compile and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+class PreferenceMethod(Method):
+    """The shared part: batches of pairs, the log-probs, metrics, and delegation to the `tuning` method."""
+    data_format = "preference"
+    Options = PreferenceOptions
+
+    def __init__(self, options: dict | None = None):
+        super().__init__(options)
+        from tunelab.methods import create_method
+
+        self.inner = create_method(self.options.tuning.name, self.options.tuning.options)
+        self.dist = None
+        self.sums = None  # device tensor: [pairs, *METRICS] summed over this step's micro-batches
+        self.step_sums = None  # the same for the last finished step
+
+    # ---- delegated to the tuning method
+    def prepare(self, model, ctx):
+        self.dist = ctx.dist
+        return self.inner.prepare(model, ctx)
+
+    def aux_models(self):
+        return self.inner.aux_models()
+
+    def select_trainable(self, model, step):
+        return self.inner.select_trainable(model, step)
+
+    def trainable_params(self, model):
+        return self.inner.trainable_params(model)
+
+    def after_backward(self, model, step):
+        self.inner.after_backward(model, step)
+
+    def after_step(self, model, step):
+        self.inner.after_step(model, step)
+        self.step_sums, self.sums = self.sums, None  # what metrics() reports: this step's pairs, like the loss
+
+    def state_dict(self):
+        return {"tuning": self.inner.state_dict()}
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state.get("tuning", {}))
+
+    def tensor_state(self):
+        return self.inner.tensor_state()
+
+    def load_tensor_state(self, tensors):
+        self.inner.load_tensor_state(tensors)
+
+    def weights_to_save(self, model):
+        return self.inner.weights_to_save(model)
+
+    def load_weights(self, model, tensors):
+        self.inner.load_weights(model, tensors)
+
+    def save_final(self, model, tokenizer, out_dir):
+        self.inner.save_final(model, tokenizer, out_dir)
+
+    # ---- pairs
+    def batch_source(self, default, ctx):
+        from tunelab.train.batches import PreferenceBatches
+
+        if not isinstance(default, PreferenceBatches):
+            raise ConfigError(f"method {self.name} trains on preference pairs: data.train needs format: preference")
+        return default
+
+    def loss(self, model, batch):
+        import torch
+
+        from tunelab.eval.preference import sequence_logps
+
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        logps, counts = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        chosen, rejected = logps.view(2, -1)
+        n_chosen, n_rejected = counts.view(2, -1).clamp(min=1)
+        losses, reward_chosen, reward_rejected = self.pair_losses(model, batch, chosen, rejected, n_chosen, n_rejected)
+        with torch.no_grad():
+            rc, rr = reward_chosen.detach().float(), reward_rejected.detach().float()
+            row = torch.stack([torch.ones_like(rc), chosen.detach(), rejected.detach(), rc, rr, rc - rr,
+                               (rc > rr).float()]).sum(dim=1)
+            self.sums = row if self.sums is None else self.sums + row
+        return losses.mean()
+
+    def pair_losses(self, model, batch, chosen, rejected, n_chosen, n_rejected):
+        """(loss of each pair, reward of the chosen reply, of the rejected one)."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict:
+        if self.step_sums is None:
+            return {}
+        sums = self.dist.all_reduce_sum(self.step_sums.clone()) if self.dist is not None else self.step_sums
+        values = (sums[1:] / sums[0].clamp(min=1)).tolist()
+        return {name: round(v, 6) for name, v in zip(METRICS, values)}
+
+
+class DPOOptions(PreferenceOptions):
+    beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference (KL weight)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # the share of pairs assumed mislabelled (cDPO)
+
+
+class DPO(PreferenceMethod):
+    name = "dpo"
+    Options = DPOOptions
+
+    def __init__(self, options: dict | None = None):
+        super().__init__(options)
+        self.reference = None  # None: the adapter-disabled model; else a device tensor [pair id, 2] of log-probs
+
+    def prepare(self, model, ctx):
+        model = super().prepare(model, ctx)
+        self.adapter_reference = hasattr(_unwrapped(model), "disable_adapter")
+        self.model = model  # the starting weights, until the first step: the cached reference is computed on them
+        return model
+
+    def batch_source(self, default, ctx):
+        batches = super().batch_source(default, ctx)
+        if not self.adapter_reference:
+            self.reference = self.cached_reference(batches, ctx)
+        return batches
+
+    def cached_reference(self, batches, ctx):
+        """Reference log-probs of every pair this process will draw in the run, from the starting weights."""
+        import torch
+
+        from tunelab.eval.preference import pair_logps
+        from tunelab.train.precision import autocast_dtype
+
+        started = time.perf_counter()
+        model, device = self.model, ctx.device
+        dtype = autocast_dtype(ctx.recipe.train.precision)
+        table = torch.full((len(batches.index), 2), float("nan"), device=device)
+        state = batches.state_dict()
+        was_training = model.training
+        model.eval()
+        try:
+            for step in range(ctx.max_steps):
+                for batch, _ in batches.next(step):
+                    ids = batch["pair_id"].to(device)
+                    if not torch.isnan(table[ids]).any():
+                        continue  # an epoch ago
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        table[ids] = pair_logps(model, batch)[0]
+        finally:
+            batches.load_state_dict(state)
+            model.train(was_training)
+        done = int((~torch.isnan(table[:, 0])).sum())
+        ctx.log(f"dpo: reference log-probs of {done:,} pairs computed from the starting weights in "
+                f"{time.perf_counter() - started:.1f}s (kept for the run)")
+        return table
+
+    def pair_losses(self, model, batch, chosen, rejected, n_chosen, n_rejected):
+        import torch.nn.functional as F
+
+        ref_chosen, ref_rejected = self.reference_logps(model, batch)
+        beta, eps = self.options.beta, self.options.label_smoothing
+        logits = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+        losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        return losses, beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+
+    def reference_logps(self, model, batch):
+        import torch
+
+        from tunelab.eval.preference import pair_logps
+
+        if self.reference is not None:
+            return self.reference[batch["pair_id"]].t()
+        base = _unwrapped(model)
+        was_training = base.training
+        base.eval()  # no dropout in the reference
+        try:
+            with torch.no_grad(), base.disable_adapter():
+                return pair_logps(base, batch)[0].t()
+        finally:
+            base.train(was_training)
+
+
+class SimPOOptions(PreferenceOptions):
+    beta: float = Field(2.0, gt=0)  # scale of the length-normalised reward (the paper uses 2 to 2.5)
+    gamma: float = Field(1.0, ge=0)  # target reward margin (the paper: gamma / beta about 0.5)
+
+
+class SimPO(PreferenceMethod):
+    name = "simpo"
+    Options = SimPOOptions
+
+    def pair_losses(self, model, batch, chosen, rejected, n_chosen, n_rejected):
+        import torch.nn.functional as F
+
+        beta = self.options.beta
+        reward_chosen, reward_rejected = beta * chosen / n_chosen, beta * rejected / n_rejected
+        return -F.logsigmoid(reward_chosen - reward_rejected - self.options.gamma), reward_chosen, reward_rejected
+
+
+class ORPOOptions(PreferenceOptions):
+    beta: float = Field(0.1, gt=0)  # weight of the odds-ratio term against the NLL of the chosen reply (λ)
+
+
+class ORPO(PreferenceMethod):
+    name = "orpo"
+    Options = ORPOOptions
+
+    def pair_losses(self, model, batch, chosen, rejected, n_chosen, n_rejected):
+        import torch
+        import torch.nn.functional as F
+
+        mean_chosen, mean_rejected = chosen / n_chosen, rejected / n_rejected
+
+        def log_odds(mean_logp):  # log(p / (1 - p)); p stays below 1 - 1e-6 so the log stays finite
+            return mean_logp - torch.log(-torch.expm1(mean_logp.clamp(max=-1e-6)))
+
+        ratio = F.logsigmoid(log_odds(mean_chosen) - log_odds(mean_rejected))
+        beta = self.options.beta
+        return -mean_chosen - beta * ratio, beta * mean_chosen, beta * mean_rejected
