@@ -26,19 +26,15 @@ TUNELAB_CACHE=benchmarks/out/cache, into benchmarks/out/lottery-exp/seed-s/ (res
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from experiments import ROOT, fmt, start, write_section
+
 sys.path.insert(0, str(ROOT))
-CACHE = ROOT / "benchmarks" / "out" / "cache"
-SEEDS = (0, 1, 2)
 REWINDS = ("step-20", "init")
 
 
@@ -82,12 +78,6 @@ def run_seed(seed: int, root: Path, k) -> dict:
     return results
 
 
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def render(per_seed: dict, seeds: list[int]) -> str:
     from tunelab.runs import cpu_name
 
@@ -114,32 +104,8 @@ def render(per_seed: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def write_section(table: str) -> None:
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text()
-    start, end = "<!-- lottery:start -->", "<!-- lottery:end -->"
-    block = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="Steps / 10, seed 0, prints only.")
-    parser.add_argument("--write", action="store_true", help="Write the table into benchmarks/RESULTS.md.")
-    args = parser.parse_args()
-    os.environ["TUNELAB_CACHE"] = str(CACHE)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    k = (lambda n: max(1, round(n / 10))) if args.smoke else (lambda n: n)
-    root = ROOT / "benchmarks" / "out" / ("lottery-exp-smoke" if args.smoke else "lottery-exp")
-    seeds = [0] if args.smoke else list(SEEDS)
+    args, k, seeds, root = start(__doc__, "lottery-exp")
     per_seed = {}
     for seed in seeds:
         print(f"seed {seed}", flush=True)
@@ -148,7 +114,7 @@ def main() -> None:
     table = render(per_seed, seeds)
     print("\n" + table)
     if args.write and not args.smoke:
-        write_section(table)
+        write_section("lottery", table)
         print("wrote benchmarks/RESULTS.md")
 
 

@@ -30,20 +30,16 @@ merges are skipped):
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from experiments import ROOT, fmt, start
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-CACHE = ROOT / "benchmarks" / "out" / "cache"
-SEEDS = (0, 1, 2)
 DOMAINS = ("prose", "code")
 MERGES = {  # name -> (method, weights, options)
     "average": ("linear", [0.5, 0.5], {}),
@@ -123,12 +119,6 @@ def summarize(per_seed: dict[int, dict]) -> dict:
     return rows
 
 
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def render(rows: dict, seeds: list[int]) -> str:
     from tunelab.runs import cpu_name
 
@@ -152,19 +142,7 @@ def render(rows: dict, seeds: list[int]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="Steps / 10, seed 0, prints only.")
-    parser.add_argument("--write", action="store_true", help="Write the table into benchmarks/RESULTS.md.")
-    args = parser.parse_args()
-    os.environ["TUNELAB_CACHE"] = str(CACHE)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    k = (lambda n: max(1, round(n / 10))) if args.smoke else (lambda n: n)
-    root = ROOT / "benchmarks" / "out" / ("merge-exp-smoke" if args.smoke else "merge-exp")
-    seeds = [0] if args.smoke else list(SEEDS)
+    args, k, seeds, root = start(__doc__, "merge-exp")
     per_seed = {}
     for seed in seeds:
         print(f"seed {seed}", flush=True)

@@ -33,20 +33,15 @@ rejected" asks whether the model ties a function's name to its own documentation
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from experiments import CACHE, ROOT, fmt, start, write_section
+
 sys.path.insert(0, str(ROOT))
-CACHE = ROOT / "benchmarks" / "out" / "cache"
-SEEDS = (0, 1, 2)
 ARMS = ("dpo", "simpo")
-START, END = "<!-- preference:start -->", "<!-- preference:end -->"
 PAIR_KEYS = ("pref_accuracy", "pref_accuracy_norm", "logp_margin")
 
 
@@ -138,19 +133,14 @@ def run_seed(seed: int, root: Path, k) -> dict:
     return result
 
 
-def fmt(values: list[float], digits: int = 3, pct: bool = False) -> str:
-    values = [v * 100 for v in values] if pct else values
-    unit = "%" if pct else ""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}{unit}"
-    return f"{statistics.mean(values):.{digits}f}{unit} ± {statistics.stdev(values):.{digits}f}"
-
-
 def render(per_seed: dict, seeds: list[int]) -> str:
     from tunelab.runs import cpu_name
 
     def col(get):
         return [get(per_seed[s]) for s in seeds]
+
+    def pct(values):
+        return fmt(values, 1, 100, "%")
 
     n_pairs = per_seed[seeds[0]]["dpo"]["pairs"]
     lines = ["## Instruction and preference tuning on the built-in data (`exp_preference.py`)", "",
@@ -161,53 +151,30 @@ def render(per_seed: dict, seeds: list[int]) -> str:
              "|---|---:|---:|---:|---:|"]
     base = lambda key: col(lambda r: r["base_pairs"][key])  # noqa: E731
     lines.append(f"| pretrained base | {fmt(col(lambda r: r['sft_response_loss']['before']))} | "
-                 f"{fmt(base('pref_accuracy'), 1, True)} | {fmt(base('pref_accuracy_norm'), 1, True)} | "
+                 f"{pct(base('pref_accuracy'))} | {pct(base('pref_accuracy_norm'))} | "
                  f"{fmt(base('logp_margin'), 2)} |")
     sft = lambda key: col(lambda r: r["dpo"]["before"][key])  # noqa: E731
     lines.append(f"| after SFT | {fmt(col(lambda r: r['sft_response_loss']['after']))} | "
-                 f"{fmt(sft('pref_accuracy'), 1, True)} | {fmt(sft('pref_accuracy_norm'), 1, True)} | "
+                 f"{pct(sft('pref_accuracy'))} | {pct(sft('pref_accuracy_norm'))} | "
                  f"{fmt(sft('logp_margin'), 2)} |")
     for arm in ARMS:
         after = lambda key: col(lambda r: r[arm]["after"][key])  # noqa: E731
         lines.append(f"| after SFT + {arm.upper() if arm == 'dpo' else 'SimPO'} (LoRA) | "
-                     f"{fmt(col(lambda r: r[arm]['response_loss']['after']))} | {fmt(after('pref_accuracy'), 1, True)} | "
-                     f"{fmt(after('pref_accuracy_norm'), 1, True)} | {fmt(after('logp_margin'), 2)} |")
+                     f"{fmt(col(lambda r: r[arm]['response_loss']['after']))} | {pct(after('pref_accuracy'))} | "
+                     f"{pct(after('pref_accuracy_norm'))} | {fmt(after('logp_margin'), 2)} |")
     lines += ["", "Per-seed change from the SFT model (after - before):", "",
               "| run | pref. accuracy (sum) | log-prob margin | response loss | last step: train reward accuracy |",
               "|---|---:|---:|---:|---:|"]
     for arm in ARMS:
         d = lambda key: col(lambda r: r[arm]["after"][key] - r[arm]["before"][key])  # noqa: E731
-        lines.append(f"| {arm} | {fmt(d('pref_accuracy'), 1, True)} | {fmt(d('logp_margin'), 2)} | "
+        lines.append(f"| {arm} | {pct(d('pref_accuracy'))} | {fmt(d('logp_margin'), 2)} | "
                      f"{fmt(col(lambda r: r[arm]['response_loss']['after'] - r[arm]['response_loss']['before']))} | "
-                     f"{fmt(col(lambda r: r[arm]['last_train']['reward_accuracy']), 1, True)} |")
+                     f"{pct(col(lambda r: r[arm]['last_train']['reward_accuracy']))} |")
     return "\n".join(lines)
 
 
-def write_section(table: str) -> None:
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text()
-    block = f"{START}\n{table}\n{END}"
-    if START in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="Steps / 10, seed 0, prints only.")
-    parser.add_argument("--write", action="store_true", help="Write the tables into benchmarks/RESULTS.md.")
-    args = parser.parse_args()
-    os.environ["TUNELAB_CACHE"] = str(CACHE)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    k = (lambda n: max(1, round(n / 10))) if args.smoke else (lambda n: n)
-    root = ROOT / "benchmarks" / "out" / ("preference-exp-smoke" if args.smoke else "preference-exp")
-    seeds = [0] if args.smoke else list(SEEDS)
+    args, k, seeds, root = start(__doc__, "preference-exp")
     per_seed = {}
     for seed in seeds:
         print(f"seed {seed}", flush=True)
@@ -216,7 +183,7 @@ def main() -> None:
     table = render(per_seed, seeds)
     print("\n" + table)
     if args.write and not args.smoke:
-        write_section(table)
+        write_section("preference", table)
         print("wrote benchmarks/RESULTS.md")
 
 
