@@ -21,8 +21,9 @@ import torch
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's target tokens, their count), in float32 (float64 for a float64 model)."""
-    targets, mask = input_ids[:, 1:], loss_mask[:, 1:].bool()
-    logits = logits[:, :-1]
+    # Shift the targets, not the logits: logits[:, :-1] would be copied whole by the reshape below.
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
+    mask = torch.nn.functional.pad(loss_mask[:, 1:], (0, 1)).bool()
     logits = logits if logits.dtype == torch.float64 else logits.float()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                             reduction="none").view(targets.shape)
