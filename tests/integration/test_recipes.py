@@ -108,10 +108,20 @@ def test_quickstart_offline(tmp_path):
     assert "sample" in out
     events = read_metrics(tmp_path / "qs" / "metrics.jsonl")
     assert {e["domain"] for e in events if e["event"] == "eval"} == {"prose", "code", "tests"}
-    report = tmp_path / "qs-report.html"  # the HTML report of the three runs, its path printed
+    # The LoRA branch: a PEFT adapter on the prose model's final/ (no full weights), beside the CPT runs in the
+    # forgetting table (its summary line) and the report.
+    lora = tmp_path / "qs-code-lora" / "final"
+    adapter = json.loads((lora / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["base_model_name_or_path"] == str(tmp_path / "qs" / "final")
+    assert (lora / "adapter_model.safetensors").is_file() and not (lora / "model.safetensors").exists()
+    assert "qs-code-lora: forgetting" in out and "qs-code-replay: forgetting" in out
+    roles = {e["domain"]: e["role"] for e in read_metrics(tmp_path / "qs-code-lora" / "metrics.jsonl")
+             if e["event"] == "eval" and e["step"] == 0}
+    assert roles == {"code": "target", "prose": "reference"}  # evaluated at step 0: forgetting has a baseline
+    report = tmp_path / "qs-report.html"  # the HTML report of the four runs, its path printed
     assert f"report: {report}" in out and report.is_file()
     page = report.read_text()
-    assert all(f">{name}</a>" in page for name in ("qs", "qs-code", "qs-code-replay"))
+    assert all(f">{name}</a>" in page for name in ("qs", "qs-code", "qs-code-replay", "qs-code-lora"))
     assert "<b>Return the number of</b>" in page  # the sample, recorded as a sample event
 
 
