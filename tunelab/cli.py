@@ -155,7 +155,8 @@ def chat(model_dir: str = typer.Argument(..., help="A saved model or adapter dir
 def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run directory."),
                set_: list[str] = typer.Option([], "--set", help=SET_HELP),
                quiet: bool = typer.Option(False, "--quiet")):
-    """The whole loop on the built-in corpus, offline: tokenizer, pretraining, eval on every domain, a sample."""
+    """The whole loop on the built-in corpus, offline: tokenizer, pretraining, eval on every domain, a sample; code by
+    continued pretraining (with and without replay) and LoRA, the forgetting table; SFT and DPO; the HTML report."""
     from tunelab.quickstart import run_quickstart
 
     run_quickstart(out, set_, quiet=quiet)

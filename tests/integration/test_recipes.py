@@ -121,7 +121,14 @@ def test_quickstart_offline(tmp_path):
     report = tmp_path / "qs-report.html"  # the HTML report of the four runs, its path printed
     assert f"report: {report}" in out and report.is_file()
     page = report.read_text()
-    assert all(f">{name}</a>" in page for name in ("qs", "qs-code", "qs-code-replay", "qs-code-lora"))
+    assert all(f">{name}</a>" in page for name in ("qs", "qs-code", "qs-code-replay", "qs-code-lora", "qs-sft", "qs-dpo"))
+    # Instruction tuning on builtin:instruct, then DPO on builtin:preference, both LoRA adapters; what they changed.
+    assert (tmp_path / "qs-sft" / "final" / "adapter_config.json").is_file()
+    assert (tmp_path / "qs-dpo" / "final" / "adapter_config.json").is_file()
+    assert "held-out replies (builtin:instruct): loss" in out and "held-out pairs (builtin:preference)" in out
+    assert "chat 'What does `json.dumps` do?' ->" in out
+    domains = {e["domain"] for e in read_metrics(tmp_path / "qs-dpo" / "metrics.jsonl") if e["event"] == "eval"}
+    assert {"preference", "instruct"} <= domains
     assert "<b>Return the number of</b>" in page  # the sample, recorded as a sample event
 
 
