@@ -78,3 +78,20 @@ def run_and_sigkill(command: str, recipe: Path, out: Path, after_step: int, *ext
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return last_logged_step(out / "metrics.jsonl")
+
+
+def pairs_file(corpus: Path) -> Path:
+    """Preference pairs beside the corpus, made from its words (deterministic): a short prompt, a chosen reply
+    and a rejected one that always starts with "no" (a preference a few steps can learn), short enough that
+    every pair fits 32 tokens."""
+    import json
+    import random
+
+    path = corpus.parent / f"{corpus.name}-pairs.jsonl"
+    if not path.exists():
+        words = sorted({w for p in sorted(corpus.rglob("*.txt")) for w in p.read_text().split() if w.isalpha()})
+        rng = random.Random(0)
+        rows = [{"prompt": " ".join(rng.sample(words, 2)), "chosen": " ".join(rng.sample(words, 2)),
+                 "rejected": "no " + " ".join(rng.sample(words, 2))} for _ in range(120)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -7,8 +7,9 @@ import json
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import pairs_file, run_cli
 from tunelab.config import RECIPES_DIR
+from tunelab.methods import PREFERENCE_METHODS
 from tunelab.runs import read_metrics
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
@@ -43,14 +44,19 @@ def test_shipped_recipe_at_toy_scale(tmp_path, corpus_dir, recipe, request):
         extra += ["--set", f"init_from={request.getfixturevalue('toy_base')}"]
     if shipped.get("train", {}).get("schedule", {}).get("name") == "infinite":  # its phases must fit in 3 steps
         extra += ["--set", "train.schedule.warmup_steps=1", "--set", "train.schedule.cooldown_steps=1"]
-    # The overrides every training recipe must accept: max_steps, seed, checkpoint_every, log_every, data.train.
+    # The overrides every training recipe must accept: max_steps, seed, checkpoint_every, log_every, data.train
+    # (a preference method's: pairs made from the same corpus).
+    train = corpus_dir
+    if shipped.get("method", {}).get("name") in PREFERENCE_METHODS:
+        train = f"[{{source: {pairs_file(corpus_dir)}, format: preference}}]"
     result = run_cli(kind, recipe, "--out", str(tmp_path / "run"), "--quiet", *TOY, *extra,
                      "--set", "train.seed=1", "--set", "train.checkpoint_every=2", "--set", "train.log_every=1",
-                     "--set", f"data.train={corpus_dir}")
+                     "--set", f"data.train={train}")
     assert result.returncode == 0, result.stderr[-3000:]
     events = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [e["step"] for e in events if e["event"] == "train"] == [1, 2, 3]
-    assert {e["domain"] for e in events if e["event"] == "eval"} >= {"corpus"}
+    domain = "corpus" if train == corpus_dir else "corpus-pairs"
+    assert {e["domain"] for e in events if e["event"] == "eval"} >= {domain}
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]
     # final/ is a model, or for an adapter method (lora) a PEFT adapter directory.
     final = tmp_path / "run" / "final"

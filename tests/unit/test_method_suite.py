@@ -21,7 +21,7 @@ import yaml
 
 import tunelab.methods
 import tunelab.train.loop
-from conftest import run_and_sigkill, run_cli, write_corpus
+from conftest import pairs_file, run_and_sigkill, run_cli, write_corpus
 from tunelab import models
 from tunelab.config import load_recipe
 from tunelab.runs import read_metrics, train_losses
@@ -41,23 +41,6 @@ SUITE_OPTIONS = {"masked": {"sparsity": 0.5},  # no masks.safetensors in the bas
 MAY_TRAIN_ALL = {"full", "masked", "lisa", "hft", "mezo", "simpo", "orpo"}  # simpo, orpo: tuning full
 # Methods that train on preference pairs: the suite gives them pairs made from the same corpus (pairs_file).
 PREFERENCE = {m for m in METHOD_NAMES if getattr(tunelab.methods.method_class(m), "data_format", "") == "preference"}
-
-
-def pairs_file(corpus: Path) -> Path:
-    """Preference pairs beside the corpus, made from its words (deterministic): a short prompt, a chosen reply
-    and a rejected one that always starts with "no" (a preference a few steps can learn), short enough that
-    every pair fits SEQ tokens."""
-    import json
-    import random
-
-    path = corpus.parent / f"{corpus.name}-pairs.jsonl"
-    if not path.exists():
-        words = sorted({w for p in sorted(corpus.rglob("*.txt")) for w in p.read_text().split() if w.isalpha()})
-        rng = random.Random(0)
-        rows = [{"prompt": " ".join(rng.sample(words, 2)), "chosen": " ".join(rng.sample(words, 2)),
-                 "rejected": "no " + " ".join(rng.sample(words, 2))} for _ in range(120)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -258,8 +258,7 @@ def test_the_lora_reference_is_the_base_models_log_probs():
 
 
 def base_and_pairs(tmp_path):
-    from conftest import write_corpus
-    from test_method_suite import pairs_file
+    from conftest import pairs_file, write_corpus
     from tunelab import models
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=20, seed=4)
