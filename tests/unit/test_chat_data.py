@@ -292,3 +292,30 @@ def test_builtin_instruct_and_preference_files_are_generated_deterministically(t
              .read_text().splitlines()]
     assert len(pairs) == 13 and all(p["chosen"] != p["rejected"] for p in pairs)
     assert all(p["messages"][-1]["role"] == "user" for p in pairs)
+
+
+def test_the_padding_tail_of_a_chat_batch_is_dropped_without_changing_loss_or_gradients():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.train.objectives import add_labels, trim_after_last_target
+
+    # Three examples, one per row (packing: pad) in rows of 16: the longest ends at column 9.
+    tokens = np.arange(1, 22) % 30 + 1
+    mask = np.array([0, 0, 1, 1, 1] + [0, 0, 0, 1, 1, 1, 1, 1, 1] + [0, 1, 1, 0, 1, 1, 1], dtype=np.uint8)
+    rows = ExampleRows(tokens, np.array([0, 5, 14]), mask, 16, pad_id=0, one_per_row=True)
+    batch = add_labels(collate([rows[i] for i in range(3)]), "clm")
+    trimmed = trim_after_last_target(batch)
+    assert trimmed["input_ids"].shape == (3, 9) and torch.equal(trimmed["labels"], batch["labels"][:, :9])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).double()
+    losses, grads = [], []
+    for b in (batch, trimmed):
+        model.zero_grad()
+        loss = model(**b, use_cache=False).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from tunelab.data import Mixture, PackedSequences, collate
 from tunelab.errors import DataError
-from tunelab.train.objectives import WordTable, add_labels, count_targets, sequence_seed
+from tunelab.train.objectives import WordTable, add_labels, count_targets, sequence_seed, trim_after_last_target
 
 
 @dataclass
@@ -73,11 +73,13 @@ class PackedBatches:
         out = []
         for m in range(self.accum):
             start = (m * self.world + self.rank) * self.micro
-            batch = collate([self.sets[s][i] for s, i in pairs[start:start + self.micro]])
+            collated = collate([self.sets[s][i] for s, i in pairs[start:start + self.micro]])
             seeds = [sequence_seed(self.seed, step, start + j) for j in range(self.micro)]
-            batch = add_labels(batch, self.objective, mask_id=self.mask_id, mlm_probability=self.mlm_probability,
+            batch = add_labels(collated, self.objective, mask_id=self.mask_id, mlm_probability=self.mlm_probability,
                                vocab_size=self.vocab_size, special_ids=self.special_ids, seeds=seeds,
                                word_table=self.word_table)
+            if self.objective == "clm" and "loss_mask" in collated:  # chat rows: drop the all-padding tail
+                batch = trim_after_last_target(batch)
             out.append((batch, count_targets(batch, self.objective)))
         return out
 

@@ -20,6 +20,21 @@ def sequence_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def trim_after_last_target(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A causal-LM batch without its trailing columns that hold no target in any row (the padding of chat rows).
+
+    Exact: a column's logits depend only on the columns before it, and a dropped column has no label, so the
+    loss and every gradient are those of the full batch; `packing: pad` then costs the longest example of
+    the micro-batch, not seq_len."""
+    targets = (batch["labels"] != -100).any(dim=0)
+    if not bool(targets.any()):
+        return batch
+    end = int(targets.nonzero().max()) + 1
+    if end == targets.numel():
+        return batch
+    return {k: (v[:, :end] if v.dim() == 2 and v.shape[1] == targets.numel() else v) for k, v in batch.items()}
+
+
 def add_labels(batch: dict[str, torch.Tensor], objective: str, *, mask_id: int | None = None,
                mlm_probability: float = 0.15, vocab_size: int = 0, special_ids: list[int] | None = None,
                seeds: list[int] | None = None, word_table: WordTable | None = None) -> dict[str, torch.Tensor]:
