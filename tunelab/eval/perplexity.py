@@ -94,8 +94,8 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, *, eos_id: int, doc
             # use_cache=False keeps document masking (see methods/base.py lm_loss).
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
         targets = batch["labels"]
-        if objective == "clm":
-            targets, logits = targets[:, 1:], logits[:, :-1]
+        if objective == "clm":  # shift the targets, not the logits: logits[:, :-1] would be copied by the reshape
+            targets = torch.nn.functional.pad(targets[:, 1:], (0, 1), value=-100)  # (batch x seq x vocab floats)
         nats = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                  ignore_index=-100, reduction="sum")
         valid = targets != -100
