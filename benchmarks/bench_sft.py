@@ -49,7 +49,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,10 +59,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 # The shared-machine helpers of the throughput benchmark: wait for quiet, other processes' CPU share, machine info.
-from bench_throughput import (_cpu_busy_ticks, _offline_env, _proc_ticks, machine_info,  # noqa: E402
-                              other_load_in, wait_for_quiet)
+from bench_throughput import (RESULT_MARK, _offline_env, machine_info, run_worker_process,  # noqa: E402
+                              wait_for_quiet)
 
-RESULT_MARK = "BENCH_RESULT "
 SECTION = ("<!-- sft:start -->", "<!-- sft:end -->")
 
 # Shared settings: both frameworks get them from here.
@@ -357,26 +355,7 @@ def run_config(conf: dict, args, out: Path, data: dict, index: int) -> dict:
             "base": data["base"], "trl_data": data["trl_data"], "steps": args.steps, "warmup": args.warmup,
             "seq_len": args.seq_len, "micro_batch_size": args.micro_batch}
     shutil.rmtree(spec["workdir"], ignore_errors=True)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                            env=_offline_env(out), cwd=str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    samples: list[tuple[float, int, int]] = []
-    own_last = 0
-    while proc.poll() is None:  # sample the machine's busy time and the worker's own CPU time
-        own = _proc_ticks(proc.pid)
-        own_last = own if own is not None else own_last
-        samples.append((time.time(), _cpu_busy_ticks(), own_last))
-        time.sleep(0.25)
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(stdout[-4000:] + stderr[-8000:])
-        raise SystemExit(f"{conf['name']}: worker failed (exit {proc.returncode})")
-    result = {**conf, **json.loads(lines[-1][len(RESULT_MARK):]), "process_s": round(wall, 1)}
-    result["other_load"] = other_load_in(samples, tuple(result["window"]))
-    return result
+    return run_worker_process(Path(__file__), spec, out, conf)
 
 
 def _load(r: dict, threshold: float) -> str:

@@ -344,13 +344,11 @@ def other_load_in(samples: list[tuple[float, int, int]], window: tuple[float, fl
     return max(0.0, ((busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * CLK_TCK * (os.cpu_count() or 1)))
 
 
-def run_config(conf: dict, args, out: Path, index: int) -> dict:
-    spec = {**conf, "workdir": str(out / "work" / f"{index}-{conf['framework']}-{conf['precision']}"
-                                   f"{'-compile' if conf['compile'] else ''}"),
-            "preset": args.preset, "steps": args.steps, "warmup": args.warmup, "mallopt": args.mallopt}
-    shutil.rmtree(spec["workdir"], ignore_errors=True)
+def run_worker_process(script: Path, spec: dict, out: Path, conf: dict) -> dict:
+    """Run `script --worker SPEC` in a fresh process, sampling the machine's load while it runs; its result
+    (the last RESULT_MARK line) merged into `conf`, with the process time and the other processes' load."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+    proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)],
                             env=_offline_env(out), cwd=str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     samples: list[tuple[float, int, int]] = []
@@ -369,6 +367,14 @@ def run_config(conf: dict, args, out: Path, index: int) -> dict:
     result = {**conf, **json.loads(lines[-1][len(RESULT_MARK):]), "process_s": round(wall, 1)}
     result["other_load"] = other_load_in(samples, tuple(result["window"]))
     return result
+
+
+def run_config(conf: dict, args, out: Path, index: int) -> dict:
+    spec = {**conf, "workdir": str(out / "work" / f"{index}-{conf['framework']}-{conf['precision']}"
+                                   f"{'-compile' if conf['compile'] else ''}"),
+            "preset": args.preset, "steps": args.steps, "warmup": args.warmup, "mallopt": args.mallopt}
+    shutil.rmtree(spec["workdir"], ignore_errors=True)
+    return run_worker_process(Path(__file__), spec, out, conf)
 
 
 def machine_info() -> dict:

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments import ROOT, fmt, start, write_section
+from experiments import ROOT, fmt, run_experiment
 
 sys.path.insert(0, str(ROOT))
 REWINDS = ("step-20", "init")
@@ -105,17 +105,7 @@ def render(per_seed: dict, seeds: list[int]) -> str:
 
 
 def main() -> None:
-    args, k, seeds, root = start(__doc__, "lottery-exp")
-    per_seed = {}
-    for seed in seeds:
-        print(f"seed {seed}", flush=True)
-        per_seed[seed] = run_seed(seed, root, k)
-    (root / "results.json").write_text(json.dumps(per_seed, indent=2))
-    table = render(per_seed, seeds)
-    print("\n" + table)
-    if args.write and not args.smoke:
-        write_section("lottery", table)
-        print("wrote benchmarks/RESULTS.md")
+    run_experiment(__doc__, "lottery-exp", "lottery", run_seed, render)
 
 
 if __name__ == "__main__":

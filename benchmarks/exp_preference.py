@@ -33,12 +33,11 @@ rejected" asks whether the model ties a function's name to its own documentation
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-from experiments import CACHE, ROOT, fmt, start, write_section
+from experiments import CACHE, ROOT, fmt, run_experiment
 
 sys.path.insert(0, str(ROOT))
 ARMS = ("dpo", "simpo")
@@ -174,17 +173,7 @@ def render(per_seed: dict, seeds: list[int]) -> str:
 
 
 def main() -> None:
-    args, k, seeds, root = start(__doc__, "preference-exp")
-    per_seed = {}
-    for seed in seeds:
-        print(f"seed {seed}", flush=True)
-        per_seed[seed] = run_seed(seed, root, k)
-    (root / "results.json").write_text(json.dumps(per_seed, indent=2))
-    table = render(per_seed, seeds)
-    print("\n" + table)
-    if args.write and not args.smoke:
-        write_section("preference", table)
-        print("wrote benchmarks/RESULTS.md")
+    run_experiment(__doc__, "preference-exp", "preference", run_seed, render)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ line (--smoke, --write), the offline environment, the mean ± std format and wri
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 from pathlib import Path
@@ -49,3 +50,19 @@ def write_section(marker: str, text: str) -> None:
     else:
         md = md.rstrip() + "\n\n" + block + "\n"
     RESULTS_MD.write_text(md)
+
+
+def run_experiment(doc: str, name: str, marker: str, run_seed, render) -> None:
+    """The whole script: `run_seed(seed, root, k) -> result` for every seed, results.json, the table printed and
+    (--write) written into RESULTS.md by `render(per_seed, seeds) -> markdown`."""
+    args, k, seeds, root = start(doc, name)
+    per_seed = {}
+    for seed in seeds:
+        print(f"seed {seed}", flush=True)
+        per_seed[seed] = run_seed(seed, root, k)
+    (root / "results.json").write_text(json.dumps(per_seed, indent=2))
+    table = render(per_seed, seeds)
+    print("\n" + table)
+    if args.write and not args.smoke:
+        write_section(marker, table)
+        print("wrote benchmarks/RESULTS.md")
