@@ -67,6 +67,12 @@ def truncated_spans(n_tokens: int, starts: np.ndarray, mask: np.ndarray | None, 
     return keep_start, ends, keep, stats
 
 
+def truncation_warning(name: str, total: int, unit: str, cut: int, dropped: int, seq_len: int, dropped_why: str) -> str:
+    """The one warning of the truncation policy, for examples and for preference pairs."""
+    return (f"warning: {name}: {cut + dropped:,} of {total:,} {unit} are longer than data.seq_len={seq_len}: {cut:,} "
+            f"cut from the left (the start of their prompt is lost), {dropped:,} dropped ({dropped_why})")
+
+
 def example_spans(n_tokens: int, starts: np.ndarray, mask: np.ndarray | None, seq_len: int
                   ) -> tuple[np.ndarray, np.ndarray, Truncation]:
     """(start, end) token offsets of every example that is kept, truncated to seq_len, and the counts."""
@@ -148,9 +154,8 @@ class ExampleRows:
         lines = [f"data {name}: {t.examples - t.dropped:,} examples in {len(self):,} rows of {self.seq_len} "
                  f"(packing {packing}): {used:.1%} of row tokens are example tokens, {targets:.1%} are targets"]
         if t.cut or t.dropped:
-            lines.append(f"warning: {name}: {t.cut + t.dropped:,} of {t.examples:,} examples are longer than "
-                         f"data.seq_len={self.seq_len}: {t.cut:,} cut from the left (the start of their prompt is "
-                         f"lost), {t.dropped:,} dropped (their last reply does not fit with its prompt)")
+            lines.append(truncation_warning(name, t.examples, "examples", t.cut, t.dropped, self.seq_len,
+                                            "their last reply does not fit with its prompt"))
         return lines
 
 
@@ -179,7 +184,7 @@ class PairSet:
         if len(starts) % 2:
             raise ValueError(f"a preference split holds pairs of documents, got {len(starts)} documents")
         self.tokens, self.loss_mask, self.seq_len = tokens, loss_mask, seq_len
-        start, end, keep, self.truncation = truncated_spans(len(tokens), starts, loss_mask, seq_len)
+        start, end, keep, _ = truncated_spans(len(tokens), starts, loss_mask, seq_len)  # counted per pair below
         full_start = np.asarray(starts, dtype=np.int64).reshape(-1, 2)
         full_end = np.append(np.asarray(starts[1:], dtype=np.int64), len(tokens)).reshape(-1, 2)
         self.pairs = len(full_start)
@@ -206,9 +211,8 @@ class PairSet:
         lines = [f"data {name}: {len(self):,} preference pairs of {self.pairs:,} (each reply at most "
                  f"data.seq_len={self.seq_len} tokens with its prompt)"]
         if self.cut or self.dropped:
-            lines.append(f"warning: {name}: {self.cut + self.dropped:,} of {self.pairs:,} pairs are longer than "
-                         f"data.seq_len={self.seq_len}: {self.cut:,} cut from the left (the start of their prompt is "
-                         f"lost), {self.dropped:,} dropped (a reply does not fit with a token of its prompt)")
+            lines.append(truncation_warning(name, self.pairs, "pairs", self.cut, self.dropped, self.seq_len,
+                                            "a reply does not fit with a token of its prompt"))
         if self.identical.any():
             lines.append(f"warning: {name}: {int(self.identical.sum()):,} pairs have the same chosen and rejected "
                          "reply and are skipped (they carry no preference); fix or remove them")

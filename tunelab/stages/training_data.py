@@ -173,7 +173,7 @@ def packed_batches(cfg, data: TrainingData, tokenizer, d):
     from tunelab.train.objectives import word_table
 
     tc = cfg.train
-    if data.eval_pairs:  # preference sources (the recipe checks refuse mixing them with text)
+    if any(s.spec.format == "preference" for s in data.sources):  # the recipe checks refuse mixing them with text
         return PreferenceBatches(sets=data.sets, micro=tc.micro_batch_size, accum=tc.grad_accum,
                                  pad_id=models.eos_id(tokenizer), rank=d.rank, world=d.world, seed=tc.seed)
     mask_id = tokenizer.mask_token_id if tc.objective == "mlm" else None

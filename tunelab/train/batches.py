@@ -113,8 +113,10 @@ class PreferenceBatches:
     seed: int = 0
     targets_known: bool = True  # every micro-batch holds `micro` pairs
     last_tokens: int = 0  # input tokens (no padding) of the last global batch drawn, all processes
+    drawn: int = 0  # pairs drawn so far (a function of the step; saved so a carried data state is checked)
 
     def __post_init__(self):
+        # Pair id -> (source, pair in it): all sources' pairs in order. A cached reference log-prob is keyed by id.
         self.index = [(s, i) for s, pairs in enumerate(self.sets) for i in range(len(pairs))]
         if not self.index:
             raise DataError("data.train: no preference pairs left to train on (see the warnings above)")
@@ -124,43 +126,42 @@ class PreferenceBatches:
     def tokens_per_step(self) -> int:
         return self.last_tokens
 
-    def pair_at(self, position: int) -> tuple[int, int]:
-        """(source, pair) at a position of the endless shuffled order."""
+    def pair_at(self, position: int) -> int:
+        """The pair id at a position of the endless shuffled order."""
         import numpy as np
 
         epoch, offset = divmod(position, len(self.index))
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.index)).tolist())
-        return self.index[self._epoch[1][offset]]
+        return self._epoch[1][offset]
 
-    def global_batch(self, step: int) -> list[tuple[int, int]]:
+    def global_batch(self, step: int) -> list[int]:
         size = self.micro * self.accum * self.world
         return [self.pair_at(p) for p in range(step * size, (step + 1) * size)]
+
+    def pair(self, pair_id: int):
+        source, i = self.index[pair_id]
+        return self.sets[source][i]
 
     def next(self, step: int) -> list[tuple[dict, int]]:
         import torch
 
         from tunelab.data.rows import collate_pairs
 
-        pairs = self.global_batch(step)
-        self.last_tokens = sum(self.sets[s].tokens_of(i) for s, i in pairs)
-        self.drawn = (step + 1) * len(pairs)
+        ids = self.global_batch(step)
+        self.last_tokens = sum(self.sets[s].tokens_of(i) for s, i in (self.index[p] for p in ids))
+        self.drawn = (step + 1) * len(ids)
         out = []
         for m in range(self.accum):
             start = (m * self.world + self.rank) * self.micro
-            mine = pairs[start:start + self.micro]
-            batch = collate_pairs([self.sets[s][i] for s, i in mine], self.pad_id)
-            batch = {k: torch.from_numpy(v) for k, v in batch.items()}
-            batch["pair_id"] = torch.tensor([self.pair_id(s, i) for s, i in mine], dtype=torch.int64)
+            mine = ids[start:start + self.micro]
+            batch = {k: torch.from_numpy(v) for k, v in collate_pairs([self.pair(p) for p in mine], self.pad_id).items()}
+            batch["pair_id"] = torch.tensor(mine, dtype=torch.int64)
             out.append((batch, len(mine)))
         return out
 
-    def pair_id(self, source: int, pair: int) -> int:
-        """The pair's number in `index` (all sources' pairs in order): the key of a cached reference log-prob."""
-        return sum(len(p) for p in self.sets[:source]) + pair
-
     def state_dict(self) -> dict:
-        return {"preference_pairs_drawn": getattr(self, "drawn", 0)}
+        return {"preference_pairs_drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
         if "preference_pairs_drawn" not in state:
