@@ -301,6 +301,18 @@ def check_objective(model, objective: str) -> None:
         raise ModelError(f"{model.config.model_type} is a causal decoder: set train.objective=clm")
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """train.gradient_checkpointing: every layer recomputes its activations in the backward pass.
+
+    Non-reentrant (torch's recommended form): it needs no input that requires grad, so it works under
+    frozen embeddings and peft adapters, and with DDP and torch.compile. It acts only in train mode:
+    evaluation and no-grad forwards (MeZO, a DPO reference) are unchanged."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(model).__name__} does not support gradient checkpointing in transformers: set "
+                         "train.gradient_checkpointing: false")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def check_pair(model, tokenizer, seq_len: int) -> None:
     """One-line errors for the two classic mismatches, before any training starts."""
     vocab = model.get_input_embeddings().weight.shape[0]

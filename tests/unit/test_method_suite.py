@@ -177,3 +177,36 @@ def test_method_resumes_exactly_after_sigkill(tmp_path, corpus, base_dir, method
     assert got == expected  # bit-identical in fp32 on CPU
     resumes = [e for e in read_metrics(out / "metrics.jsonl") if e["event"] == "resume"]
     assert resumes and 0 < resumes[-1]["step"] <= killed_at
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_method_under_gradient_checkpointing_trains_the_same_or_is_refused(tmp_path, corpus, base_dir, monkeypatch,
+                                                                          method):
+    """train.gradient_checkpointing recomputes activations in the backward pass: the same losses and weights
+    as without it, with the layers really checkpointed; a method that cannot use it is refused at load."""
+    import transformers.modeling_utils as hf_modeling
+
+    from tunelab.errors import ConfigError
+
+    recipe = write_recipe(tmp_path / "gc.yaml", corpus, base_dir, method, max_steps=3, checkpoint_every=0,
+                          gradient_checkpointing=True)
+    refusal = tunelab.methods.create_method(method, SUITE_OPTIONS.get(method, {})).gradient_checkpointing_refusal()
+    if refusal:
+        with pytest.raises(ConfigError, match="train.gradient_checkpointing: not with method"):
+            load_recipe(recipe)
+        return
+    calls = []
+    real = hf_modeling.checkpoint
+    monkeypatch.setattr(hf_modeling, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_gc = run_stage(load_recipe(recipe), out=tmp_path / "gc", quiet=True)
+    assert calls, f"{method}: no layer was checkpointed"
+    plain = run_stage(load_recipe(write_recipe(tmp_path / "plain.yaml", corpus, base_dir, method, max_steps=3,
+                                               checkpoint_every=0)), out=tmp_path / "plain", quiet=True)
+    got, expected = train_losses(with_gc / "metrics.jsonl"), train_losses(plain / "metrics.jsonl")
+    assert sorted(got) == [1, 2, 3]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (method, step)
+    tok = models.load_tokenizer(str(with_gc / "final"))
+    ids = torch.tensor([tok("the model data token train loss step layer weight")["input_ids"]])
+    torch.testing.assert_close(logits(models.load_model(str(with_gc / "final")), ids),
+                               logits(models.load_model(str(plain / "final")), ids), rtol=1e-4, atol=1e-5)

@@ -11,8 +11,8 @@ import torch
 
 from tunelab.errors import ModelError
 from tunelab.eval.perplexity import token_byte_lengths, window_indices
-from tunelab.models import (PRESETS, SPECIAL_TOKENS, build_model, check_pair, count_params, eos_id, load_model,
-                            train_tokenizer)
+from tunelab.models import (PRESETS, SPECIAL_TOKENS, build_model, check_pair, count_params, enable_gradient_checkpointing,
+                            eos_id, load_model, train_tokenizer)
 
 _WORDS = ("the model data token train loss step layer weight value cache file text domain batch "
           "café naïve über straße données 日本語 ✓ résumé").split()
@@ -414,3 +414,16 @@ def test_objective_must_fit_the_architecture(tokenizer):
         check_objective(bert, "clm")
     with pytest.raises(ModelError, match="train.objective=clm"):
         check_objective(llama, "mlm")
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_a_one_line_error():
+    with pytest.raises(ModelError, match="train.gradient_checkpointing: false"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_gradient_checkpointing_leaves_the_saved_config_alone(tokenizer, tmp_path):
+    model = build_model("llama-micro", tokenizer)
+    enable_gradient_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    model.save_pretrained(tmp_path)
+    assert "checkpointing" not in (tmp_path / "config.json").read_text()

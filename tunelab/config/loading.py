@@ -192,6 +192,11 @@ def validate_recipe(data: dict, source: str, kind: str | None = None) -> Trainin
         options.model_validate(cfg.method.options)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, f"{source}: method.options", options)) from None
+    if cfg.train.gradient_checkpointing:
+        why = method_class(cfg.method.name)(cfg.method.options).gradient_checkpointing_refusal()
+        if why:
+            raise ConfigError(f"{source}: train.gradient_checkpointing: not with method {cfg.method.name}: {why}; "
+                              "set it to false")
     # Preference methods train on pairs and every other method on text or chat: say so before any work.
     wants = getattr(method_class(cfg.method.name), "data_format", "text")
     pairs = [s.source for s in cfg.data.train if s.format == "preference"]

@@ -22,6 +22,8 @@ The loop in train/loop.py calls these hooks, in this order, and nothing method-s
                 method.weights_to_save(model) -> None: the whole model; a dict: only these tensors
                                          (an adapter); the checkpoint then records the base's hash
     end:        method.save_final(model, tokenizer, out_dir)   # HF model, or a PEFT adapter
+    recipe:     method.gradient_checkpointing_refusal() -> why train.gradient_checkpointing cannot be used
+                                         (None: it can; checked when the recipe is loaded)
 
 A method with no backward pass (MeZO) sets `uses_backward = False` and implements
 `train_step(model, batches, step, lr) -> mean loss`; the loop then skips backward, the optimizer and
@@ -124,6 +126,12 @@ class Method:
 
     def after_step(self, model, step: int) -> None:
         pass
+
+    def gradient_checkpointing_refusal(self) -> str | None:
+        """Why train.gradient_checkpointing cannot be used with this method (None: it can)."""
+        if not self.uses_backward:
+            return f"{self.name} has no backward pass, so it keeps no activations to recompute"
+        return None
 
     def metrics(self) -> dict[str, float]:
         """Extra training metrics since the last log step (called on every process, so it may all-reduce)."""

@@ -79,6 +79,10 @@ class PrefixTuning(PeftMethod):
     raw_checkpoints = True  # with a projection, peft saves the MLP's output, which cannot be trained on
     Options = PrefixTuningOptions
 
+    def gradient_checkpointing_refusal(self):
+        return ("prefix tuning hands its prefixes to the layers as past key values, which transformers drops in a "
+                "checkpointed layer (peft refuses the pair)")
+
     def peft_config(self, model, ctx, task_type):
         from peft import PrefixTuningConfig
 

@@ -108,6 +108,9 @@ class PreferenceMethod(Method):
     def aux_models(self):
         return self.inner.aux_models()
 
+    def gradient_checkpointing_refusal(self):
+        return self.inner.gradient_checkpointing_refusal()
+
     def select_trainable(self, model, step):
         return self.inner.select_trainable(model, step)
 

@@ -38,6 +38,8 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     if init.model_dir and (Path(init.model_dir) / "masks.safetensors").is_file() and cfg.method.name != "masked":
         log(f"warning: {init.model_dir} is pruned (masks.safetensors) and method {cfg.method.name} does not keep "
             "its pruned weights at 0; use method: masked to keep the sparsity")
+    if cfg.train.gradient_checkpointing:  # on the base model, before a method wraps it (peft)
+        models.enable_gradient_checkpointing(model)
     model = method.prepare(model, ctx).to(d.device)
     for aux in method.aux_models().values():  # a teacher or reference: on our device, frozen, in eval mode
         aux.module.to(d.device).eval().requires_grad_(False)
