@@ -532,3 +532,89 @@ def test_a_checkpoint_without_weights_is_not_intact(tmp_path, trained):
     del manifest["model.safetensors"]
     (path / "manifest.json").write_text(json.dumps(manifest))
     assert "weights" in ckpt.verify(path)
+
+
+# ---------------------------------------------------------------- init_optimizer: moments carried by name
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(3, width)
+        self.b = torch.nn.Linear(width, 2)
+
+    def step(self, optimizer) -> None:
+        self(torch.randn(5, 3)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def optimizer_over(model, names, **train):
+    from tunelab.config.training import TrainConfig
+    from tunelab.train.optim import build_optimizer
+
+    named = [(n, p) for n, p in model.named_parameters() if n in names]
+    return build_optimizer(named, TrainConfig(**{"lr": 1e-2, "weight_decay": 0.1, **train}))
+
+
+def saved_optimizer(tmp_path, model, optimizer) -> Path:
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    return tmp_path
+
+
+def test_init_optimizer_carries_moments_by_name_into_another_trainable_set(tmp_path):
+    model = TwoLayers()
+    partial = optimizer_over(model, {"a.weight", "b.bias"})  # e.g. LISA's trainable set at its last step
+    for _ in range(3):
+        model.step(partial)
+    path = saved_optimizer(tmp_path, model, partial)
+    params = dict(model.named_parameters())
+    expected = {n: {k: v.clone() for k, v in partial.state[params[n]].items()} for n in ("a.weight", "b.bias")}
+
+    everything = optimizer_over(model, set(params), lr=5e-3, weight_decay=0.0)  # this run's own settings
+    assert ckpt.carry_optimizer_moments(path, everything) == {"carried": 2, "fresh": 2}
+    for name, p in params.items():
+        if name in expected:
+            for key, value in expected[name].items():
+                assert torch.equal(everything.state[p][key], value), (name, key)
+        else:
+            assert not everything.state.get(p), name
+    assert [g["lr"] for g in everything.param_groups] == [5e-3, 5e-3]
+    assert [g["weight_decay"] for g in everything.param_groups] == [0.0, 0.0]
+    model.step(everything)  # carried (step 3) and fresh (step 0) moments update together
+    assert float(everything.state[params["a.weight"]]["step"]) == 4
+    assert float(everything.state[params["a.bias"]]["step"]) == 1
+
+
+def test_init_optimizer_refuses_what_cannot_be_carried(tmp_path):
+    model = TwoLayers()
+    adam = optimizer_over(model, {"a.weight"})
+    model.step(adam)
+    path = saved_optimizer(tmp_path, model, adam)
+    cases = {  # this run's optimizer -> words of the one-line error
+        "another optimizer": (optimizer_over(model, {"a.weight"}, optimizer="sgd"), "another optimizer"),
+        "nothing in common": (optimizer_over(model, {"b.weight", "b.bias"}), "none of this run's trainable"),
+        "same name, other shape": (optimizer_over(TwoLayers(width=6), {"a.weight"}), "shape"),
+    }
+    for case, (optimizer, words) in cases.items():
+        with pytest.raises(RunDirError) as err:
+            ckpt.carry_optimizer_moments(path, optimizer)
+        message = str(err.value)
+        assert "\n" not in message and words in message and "init_optimizer: false" in message, (case, message)
+
+
+def test_init_optimizer_from_a_checkpoint_without_names_loads_by_position(tmp_path):
+    model = TwoLayers()
+    adam = optimizer_over(model, {n for n, _ in model.named_parameters()})
+    model.step(adam)
+    old = adam.state_dict()
+    for group in old["param_groups"]:  # as checkpoints were written before the names were kept
+        del group["param_names"]
+    torch.save(old, tmp_path / "optimizer.pt")
+    path = tmp_path
+    again = optimizer_over(TwoLayers(), {n for n, _ in model.named_parameters()})
+    assert ckpt.carry_optimizer_moments(path, again) == {"carried": 4, "fresh": 0}

@@ -180,8 +180,8 @@ def test_param_groups_no_decay_for_ndim_below_2(bert):
     # Independently: classify by shape.
     vectors = {id(p) for _, p in named if len(p.shape) < 2}
     matrices = {id(p) for _, p in named if len(p.shape) >= 2}
-    assert {id(p) for p in no_decay["params"]} == vectors
-    assert {id(p) for p in decay["params"]} == matrices
+    assert {id(p) for _, p in no_decay["params"]} == vectors
+    assert {id(p) for _, p in decay["params"]} == matrices
     assert len(no_decay["params"]) + len(decay["params"]) == len(named)  # each exactly once
 
 

@@ -142,8 +142,7 @@ def carry_init_state(cfg, init: Init, model, method, batches) -> None:
     if cfg.init_data_state:
         ckpt.load_data_state(init.checkpoint, batches)
     if cfg.init_optimizer and method.uses_backward:
-        ckpt.load_optimizer(init.checkpoint, build_optimizer(method.trainable_params(model), cfg.train),
-                            what="init_optimizer")
+        ckpt.carry_optimizer_moments(init.checkpoint, build_optimizer(method.trainable_params(model), cfg.train))
 
 
 @dataclass

@@ -238,6 +238,49 @@ def load_optimizer(path: Path, optimizer, what: str = "resume") -> None:
                           f"{fix}") from None
 
 
+def carry_optimizer_moments(path: Path, optimizer) -> dict:
+    """init_optimizer: the moments another run kept for a parameter of the same name go to that parameter;
+    the rest of this run's trainable parameters start fresh (the other run froze or lacked them: LISA, HFT,
+    a LoRA run continued by full fine-tuning on its merged weights...). This run's own hyperparameters
+    (lr, betas, weight decay) stay. Returns {"carried": n, "fresh": m} (tensors)."""
+    where = f"init_optimizer: {path / 'optimizer.pt'}"
+    try:
+        saved = torch.load(path / "optimizer.pt", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as err:
+        raise RunDirError(f"{where} cannot be read ({str(err).splitlines()[0][:120]}): point init_from at an "
+                          "intact checkpoint, or set init_optimizer: false") from None
+    if any("param_names" not in g for g in saved["param_groups"]):  # written before names were kept
+        load_optimizer(path, optimizer, what="init_optimizer")
+        return {"carried": sum(len(g["params"]) for g in optimizer.param_groups), "fresh": 0}
+    hyper = lambda g: sorted(set(g) - {"params", "param_names"})  # noqa: E731  (the optimizer's own settings)
+    now = optimizer.state_dict()
+    if hyper(saved["param_groups"][0]) != hyper(now["param_groups"][0]):
+        raise RunDirError(f"{where} belongs to another optimizer than this run's train.optimizer "
+                          f"({type(optimizer).__name__}): use that run's optimizer, or set init_optimizer: false")
+    by_name = {name: saved["state"][i] for g in saved["param_groups"]
+               for name, i in zip(g["param_names"], g["params"]) if i in saved["state"]}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    carried = 0
+    for g in now["param_groups"]:
+        for name, i in zip(g["param_names"], g["params"]):
+            state = by_name.get(name)
+            if state is None:
+                continue
+            moment = next((v for v in state.values() if torch.is_tensor(v) and v.dim() > 0), None)
+            if moment is not None and moment.shape != params[i].shape:
+                raise RunDirError(f"{where}: its moments of {name} have shape {tuple(moment.shape)}, this run's "
+                                  f"parameter {tuple(params[i].shape)}: use the same model, or set init_optimizer: "
+                                  "false")
+            now["state"][i] = state
+            carried += 1
+    if carried == 0:
+        raise RunDirError(f"{where} holds moments for none of this run's trainable parameters (it trained e.g. "
+                          f"{next(iter(by_name), 'nothing')}; this run trains e.g. {now['param_groups'][0]['param_names'][0]}): "
+                          "use the same method as that run, or set init_optimizer: false")
+    optimizer.load_state_dict(now)  # torch puts each moment on its parameter's device and dtype
+    return {"carried": carried, "fresh": len(params) - carried}
+
+
 def load_data_state(path: Path, batches) -> None:
     """Continue another run's data stream (an anneal branch): its data must be this run's data."""
     state = json.loads((path / "state.json").read_text())

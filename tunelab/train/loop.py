@@ -63,8 +63,10 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
     named, optimizer, ddp_model, forward_model = build()
     if resume_from is not None:
         ckpt.load_optimizer(resume_from, optimizer)
-    elif init_from is not None and cfg.init_optimizer:  # its data state was loaded (and checked) in set-up
-        ckpt.load_optimizer(init_from, optimizer, what="init_optimizer")
+    elif init_from is not None and cfg.init_optimizer and optimizer is not None:  # checked in set-up
+        carried = ckpt.carry_optimizer_moments(init_from, optimizer)
+        run.log({"event": "init_optimizer", "step": 0, **carried})
+        log(f"init_optimizer: moments of {carried['carried']} trainable tensors carried, {carried['fresh']} fresh")
     dtype = autocast_dtype(tc.precision)
     world, accum = d.world, tc.grad_accum
 

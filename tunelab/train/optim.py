@@ -11,8 +11,10 @@ import torch
 
 
 def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
-    decay = [p for n, p in named_params if p.ndim >= 2]
-    no_decay = [p for n, p in named_params if p.ndim < 2]
+    """Two groups of (name, parameter): torch then keeps the names in the optimizer's state_dict
+    ("param_names"), which lets init_optimizer carry moments by name into another trainable set."""
+    decay = [(n, p) for n, p in named_params if p.ndim >= 2]
+    no_decay = [(n, p) for n, p in named_params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
