@@ -330,7 +330,7 @@ def worker_peer(spec: dict, phases: Phases) -> dict:
     """peft + transformers.Trainer on the windows tunelab's loop draws, in the same order."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     from tunelab import models
@@ -368,17 +368,9 @@ def worker_peer(spec: dict, phases: Phases) -> dict:
         def __getitem__(self, k):
             return rows[k]
 
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            phases.mark("training steps")
-            self.marks, self.walls, self.rss = [time.perf_counter()], [time.time()], []
-
-        def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
-            self.walls.append(time.time())
-            self.rss.append({"step": state.global_step, **memory_now()})
-
-    clock = StepClock()
+    step_rss: list[dict] = []
+    clock = bt.step_clock(on_begin=lambda: phases.mark("training steps"),
+                          on_step=lambda state: step_rss.append({"step": state.global_step, **memory_now()}))
     args = TrainingArguments(
         output_dir=str(Path(spec["workdir"]) / "trainer"), max_steps=spec["steps"],
         per_device_train_batch_size=tc.micro_batch_size, gradient_accumulation_steps=1, learning_rate=tc.lr,
@@ -398,7 +390,7 @@ def worker_peer(spec: dict, phases: Phases) -> dict:
     record_sizes(phases, model, opt)
     out = summarize(step_s, spec["warmup"], tc.micro_batch_size * cfg.data.seq_len,
                     (clock.walls[spec["warmup"]], clock.walls[-1]))
-    out.update(parameters=parameters, trainable=trainable, step_rss=clock.rss, mean_loss=float(result.training_loss),
+    out.update(parameters=parameters, trainable=trainable, step_rss=step_rss, mean_loss=float(result.training_loss),
                threads=torch.get_num_threads(),
                optimizer=f"{type(opt).__module__}.{type(opt).__name__}(fused={opt.defaults.get('fused')})")
     return out

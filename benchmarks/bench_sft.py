@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 
 # The shared-machine helpers of the throughput benchmark: wait for quiet, other processes' CPU share, machine info.
 from bench_throughput import (RESULT_MARK, _offline_env, machine_info, run_worker_process,  # noqa: E402
-                              wait_for_quiet)
+                              step_clock, wait_for_quiet)
 
 SECTION = ("<!-- sft:start -->", "<!-- sft:end -->")
 
@@ -254,7 +254,7 @@ def worker_trl(spec: dict) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     from trl import SFTConfig, SFTTrainer
 
@@ -273,19 +273,7 @@ def worker_trl(spec: dict) -> dict:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.marks: list[float] = []
-            self.walls: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.marks, self.walls = [time.perf_counter()], [time.time()]
-
-        def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
-            self.walls.append(time.time())
-
-    clock = StepClock()
+    clock = step_clock()
     args = SFTConfig(
         output_dir=str(Path(spec["workdir"]) / "trl"),
         max_steps=spec["steps"], per_device_train_batch_size=spec["micro_batch_size"], gradient_accumulation_steps=1,

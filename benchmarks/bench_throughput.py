@@ -148,7 +148,7 @@ def worker_tunelab(spec: dict) -> dict:
 def worker_trainer(spec: dict) -> dict:
     import numpy as np
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     from tunelab import models
@@ -172,19 +172,7 @@ def worker_trainer(spec: dict) -> dict:
             ids = torch.from_numpy(np.asarray(packed[order[k]]["input_ids"]))
             return {"input_ids": ids, "labels": ids.clone()}  # HF shifts labels inside the model
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.marks: list[float] = []
-            self.walls: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.marks, self.walls = [time.perf_counter()], [time.time()]
-
-        def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
-            self.walls.append(time.time())
-
-    clock = StepClock()
+    clock = step_clock()
     # Without a GPU the Trainer refuses bf16 unless told it is on CPU (it trains on the CPU either way).
     d_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
@@ -342,6 +330,31 @@ def other_load_in(samples: list[tuple[float, int, int]], window: tuple[float, fl
         return None
     (t0, busy0, own0), (t1, busy1, own1) = inside[0], inside[-1]
     return max(0.0, ((busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * CLK_TCK * (os.cpu_count() or 1)))
+
+
+def step_clock(on_begin=None, on_step=None):
+    """A transformers TrainerCallback that timestamps on_train_begin and every on_step_end: `marks`
+    (perf_counter, for step times) and `walls` (time.time, for the other-load window). `on_begin()` runs
+    before the first mark, `on_step(state)` after each step's (bench_methods samples memory there)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.marks: list[float] = []
+            self.walls: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            if on_begin is not None:
+                on_begin()
+            self.marks, self.walls = [time.perf_counter()], [time.time()]
+
+        def on_step_end(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+            self.walls.append(time.time())
+            if on_step is not None:
+                on_step(state)
+
+    return StepClock()
 
 
 def run_worker_process(script: Path, spec: dict, out: Path, conf: dict) -> dict:

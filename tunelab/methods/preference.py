@@ -218,22 +218,22 @@ class DPO(PreferenceMethod):
         model, device = self.model, ctx.device
         dtype = autocast_dtype(ctx.recipe.train.precision)
         table = torch.full((len(batches.index), 2), float("nan"), device=device)
-        state = batches.state_dict()
+        done: set[int] = set()
         was_training = model.training
         model.eval()
         try:
             for step in range(ctx.max_steps):
-                for batch, _ in batches.next(step):
-                    ids = batch["pair_id"].to(device)
-                    if not torch.isnan(table[ids]).any():
-                        continue  # an epoch ago
-                    batch = {k: v.to(device) for k, v in batch.items()}
+                for ids in batches.micro_batch_ids(step):
+                    new = [i for i in ids if i not in done]  # a later epoch draws pairs already computed
+                    if not new:
+                        continue
+                    batch = {k: v.to(device) for k, v in batches.collate(new).items()}
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        table[ids] = pair_logps(model, batch)[0]
+                        table[batch["pair_id"]] = pair_logps(model, batch)[0]
+                    done.update(new)
         finally:
-            batches.load_state_dict(state)
             model.train(was_training)
-        done = int((~torch.isnan(table[:, 0])).sum())
+        done = len(done)
         ctx.log(f"dpo: reference log-probs of {done:,} pairs computed from the starting weights in "
                 f"{time.perf_counter() - started:.1f}s (kept for the run)")
         return table

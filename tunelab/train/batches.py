@@ -143,22 +143,26 @@ class PreferenceBatches:
         source, i = self.index[pair_id]
         return self.sets[source][i]
 
-    def next(self, step: int) -> list[tuple[dict, int]]:
+    def micro_batch_ids(self, step: int) -> list[list[int]]:
+        """The pair ids of this process's micro-batches at `step` (draws nothing: the state stays)."""
+        ids = self.global_batch(step)
+        starts = [(m * self.world + self.rank) * self.micro for m in range(self.accum)]
+        return [ids[start:start + self.micro] for start in starts]
+
+    def collate(self, pair_ids: list[int]) -> dict:
         import torch
 
         from tunelab.data.rows import collate_pairs
 
+        batch = {k: torch.from_numpy(v) for k, v in collate_pairs([self.pair(p) for p in pair_ids], self.pad_id).items()}
+        batch["pair_id"] = torch.tensor(pair_ids, dtype=torch.int64)
+        return batch
+
+    def next(self, step: int) -> list[tuple[dict, int]]:
         ids = self.global_batch(step)
         self.last_tokens = sum(self.sets[s].tokens_of(i) for s, i in (self.index[p] for p in ids))
         self.drawn = (step + 1) * len(ids)
-        out = []
-        for m in range(self.accum):
-            start = (m * self.world + self.rank) * self.micro
-            mine = ids[start:start + self.micro]
-            batch = {k: torch.from_numpy(v) for k, v in collate_pairs([self.pair(p) for p in mine], self.pad_id).items()}
-            batch["pair_id"] = torch.tensor(mine, dtype=torch.int64)
-            out.append((batch, len(mine)))
-        return out
+        return [(self.collate(mine), len(mine)) for mine in self.micro_batch_ids(step)]
 
     def state_dict(self) -> dict:
         return {"preference_pairs_drawn": self.drawn}
