@@ -27,7 +27,8 @@ Configurations, each in its own fresh subprocess, one after the other:
   batch's rows are concatenated into one sequence with position ids restarting per example) vs tunelab
   `packing: document` (whole examples best-fit into rows, padded to seq_len, position ids restarting per example);
 - TRL without packing (one example per row, padded to the longest row of the batch) vs tunelab `packing: pad`
-  (one example per row, padded to seq_len).
+  (one example per row; a micro-batch drops the columns after its last target, so it is as long as its
+  longest example, like TRL's).
 
 Timing, as bench_throughput.py: each step's wall time from the end of the previous step to the end of this one;
 tunelab: the per-step `tokens_per_s` of metrics.jsonl (train.log_every=1); TRL: a TrainerCallback timestamps
@@ -332,7 +333,7 @@ CONFIGURATIONS = [  # (framework, packing, name); pairs: TRL first, then tunelab
     ("trl", "bfd", "TRL packing=True (BFD, padding-free)"),
     ("tunelab", "document", "tunelab packing: document"),
     ("trl", "none", "TRL packing=False (pad to longest in batch)"),
-    ("tunelab", "pad", "tunelab packing: pad (pad to seq_len)"),
+    ("tunelab", "pad", "tunelab packing: pad (one example per row, cut after the batch's last target)"),
 ]
 PAIRS = [(("tunelab", "document"), ("trl", "bfd")), (("tunelab", "pad"), ("trl", "none")),
          (("tunelab", "document"), ("trl", "none"))]
