@@ -11,6 +11,8 @@ process running the same recipe:
   - with the whole global batch in one micro-batch (4): the logged losses agree to 1e-5. (Not the
     weights: other matmul shapes round differently, and Adam turns that rounding of near-zero
     gradients into ~1e-5 weight differences in LoHa and OFT. That compares the split, not DDP.)
+Full and LoRA also run with train.gradient_checkpointing under DDP ("full+gc", "lora+gc") and must
+match one process without it.
 A method that cannot run under DDP refuses with a one-line error naming itself and why
 (REFUSED_UNDER_DDP, raised from its `prepare` when ctx.dist.world > 1); the test checks that error.
 
@@ -48,8 +50,14 @@ DRIVER_TIMEOUT = 1500  # seconds, all methods together
 COLLECTIVE_TIMEOUT = 180  # seconds: a method whose ranks fall out of step fails instead of hanging
 
 
+# "<method>+gc": the method with train.gradient_checkpointing under DDP, against one process without it.
+CHECKPOINTED = ["full+gc", "lora+gc"]
+
+
 def recipe(path: Path, corpus: Path, base: Path, method: str, **train) -> Path:
-    return write_recipe(path, corpus, base, method, **{**TRAIN, **train})
+    method, _, gc = method.partition("+")
+    return write_recipe(path, corpus, base, method, **{**TRAIN, **({"gradient_checkpointing": True} if gc else {}),
+                                                       **train})
 
 
 class DDPRuns:
@@ -138,7 +146,7 @@ def one_process(tmp_path: Path, corpus: Path, base: Path, method: str, name: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", METHOD_NAMES + CHECKPOINTED)
 def test_method_under_two_processes_matches_one(tmp_path, corpus, base_dir, ddp_runs, method):
     import torch
 
@@ -148,8 +156,9 @@ def test_method_under_two_processes_matches_one(tmp_path, corpus, base_dir, ddp_
     if refused is None:
         # One process with the ranks' micro-batches (micro-batch 2 x grad_accum 2), and with the whole global
         # batch in one micro-batch (4): the logged losses must not depend on the split either.
-        same_split = one_process(tmp_path, corpus, base_dir, method, "accum", grad_accum=WORLD)
-        whole = one_process(tmp_path, corpus, base_dir, method, "whole",
+        plain = method.partition("+")[0]  # a "+gc" run is held to the method without checkpointing
+        same_split = one_process(tmp_path, corpus, base_dir, plain, "accum", grad_accum=WORLD)
+        whole = one_process(tmp_path, corpus, base_dir, plain, "whole",
                             micro_batch_size=WORLD * TRAIN["micro_batch_size"])
     got = ddp_runs.result(method)
     ranks = got["ranks"]
