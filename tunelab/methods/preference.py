@@ -218,23 +218,22 @@ class DPO(PreferenceMethod):
         model, device = self.model, ctx.device
         dtype = autocast_dtype(ctx.recipe.train.precision)
         table = torch.full((len(batches.index), 2), float("nan"), device=device)
-        done: set[int] = set()
+        computed: set[int] = set()
         was_training = model.training
         model.eval()
         try:
             for step in range(ctx.max_steps):
                 for ids in batches.micro_batch_ids(step):
-                    new = [i for i in ids if i not in done]  # a later epoch draws pairs already computed
+                    new = [i for i in ids if i not in computed]  # a later epoch draws pairs already computed
                     if not new:
                         continue
                     batch = {k: v.to(device) for k, v in batches.collate(new).items()}
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         table[batch["pair_id"]] = pair_logps(model, batch)[0]
-                    done.update(new)
+                    computed.update(new)
         finally:
             model.train(was_training)
-        done = len(done)
-        ctx.log(f"dpo: reference log-probs of {done:,} pairs computed from the starting weights in "
+        ctx.log(f"dpo: reference log-probs of {len(computed):,} pairs computed from the starting weights in "
                 f"{time.perf_counter() - started:.1f}s (kept for the run)")
         return table
 

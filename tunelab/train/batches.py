@@ -154,7 +154,8 @@ class PreferenceBatches:
 
         from tunelab.data.rows import collate_pairs
 
-        batch = {k: torch.from_numpy(v) for k, v in collate_pairs([self.pair(p) for p in pair_ids], self.pad_id).items()}
+        rows = collate_pairs([self.pair(p) for p in pair_ids], self.pad_id)
+        batch = {k: torch.from_numpy(v) for k, v in rows.items()}
         batch["pair_id"] = torch.tensor(pair_ids, dtype=torch.int64)
         return batch
 

@@ -240,9 +240,9 @@ def load_optimizer(path: Path, optimizer, what: str = "resume") -> None:
 
 def carry_optimizer_moments(path: Path, optimizer) -> dict:
     """init_optimizer: the moments another run kept for a parameter of the same name go to that parameter;
-    the rest of this run's trainable parameters start fresh (the other run froze or lacked them: LISA, HFT,
-    a LoRA run continued by full fine-tuning on its merged weights...). This run's own hyperparameters
-    (lr, betas, weight decay) stay. Returns {"carried": n, "fresh": m} (tensors)."""
+    the rest of this run's trainable parameters start fresh (the other run froze them: full fine-tuning
+    after LISA, HFT or sparse fine-tuning). This run's own hyperparameters (lr, betas, weight decay) stay.
+    Returns {"carried": n, "fresh": m} (tensors)."""
     where = f"init_optimizer: {path / 'optimizer.pt'}"
     try:
         saved = torch.load(path / "optimizer.pt", weights_only=True)
@@ -274,9 +274,10 @@ def carry_optimizer_moments(path: Path, optimizer) -> dict:
             now["state"][i] = state
             carried += 1
     if carried == 0:
+        theirs, ours = next(iter(by_name), "nothing"), now["param_groups"][0]["param_names"][0]
         raise RunDirError(f"{where} holds moments for none of this run's trainable parameters (it trained e.g. "
-                          f"{next(iter(by_name), 'nothing')}; this run trains e.g. {now['param_groups'][0]['param_names'][0]}): "
-                          "use the same method as that run, or set init_optimizer: false")
+                          f"{theirs}; this run trains e.g. {ours}): use the same method as that run, or set "
+                          "init_optimizer: false")
     optimizer.load_state_dict(now)  # torch puts each moment on its parameter's device and dtype
     return {"carried": carried, "fresh": len(params) - carried}
 
