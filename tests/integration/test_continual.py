@@ -142,6 +142,8 @@ def test_continuing_on_new_data_starts_a_fresh_data_stream(tmp_path, corpora, ba
 def test_init_optimizer_carries_the_moments_a_lisa_run_kept_into_full_training(tmp_path, corpora, base):
     """LISA keeps moments only for the layers trainable at its last step: a full fine-tune continuing it
     gets those, by name, and starts the other tensors' moments fresh (its own lr and weight decay)."""
+    from tunelab import models
+
     notes = str(corpora["notes"])
     lisa = train(tmp_path, "lisa", recipe(notes, init_from=str(base),
                                           method={"name": "lisa", "options": {"gamma": 1, "interval": 2}}))
@@ -150,8 +152,6 @@ def test_init_optimizer_carries_the_moments_a_lisa_run_kept_into_full_training(t
     full = train(tmp_path, "full", recipe(notes, init_from=str(lisa), init_optimizer=True,
                                           train={"max_steps": 2, "weight_decay": 0.0}))
     (carried,) = events(full, "init_optimizer")
-    from tunelab import models
-
     tensors = len(list(models.load_model(str(full / "final")).named_parameters()))  # all of them train now
     assert (carried["carried"], carried["fresh"]) == (len(kept), tensors - len(kept))
     assert 0 < len(kept) < tensors
