@@ -301,6 +301,12 @@ def check_objective(model, objective: str) -> None:
         raise ModelError(f"{model.config.model_type} is a causal decoder: set train.objective=clm")
 
 
+def unwrapped(model):
+    """The module under torch.compile and DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
 def enable_gradient_checkpointing(model) -> None:
     """train.gradient_checkpointing: every layer recomputes its activations in the backward pass.
 

@@ -11,8 +11,8 @@ process running the same recipe:
   - with the whole global batch in one micro-batch (4): the logged losses agree to 1e-5. (Not the
     weights: other matmul shapes round differently, and Adam turns that rounding of near-zero
     gradients into ~1e-5 weight differences in LoHa and OFT. That compares the split, not DDP.)
-Full and LoRA also run with train.gradient_checkpointing under DDP ("full+gc", "lora+gc") and must
-match one process without it.
+Full and LoRA also run with each memory option under DDP ("full+gc", "lora+gc": train.gradient_checkpointing;
+"full+chunk", "lora+chunk": train.loss_chunk_tokens) and must match one process without it.
 A method that cannot run under DDP refuses with a one-line error naming itself and why
 (REFUSED_UNDER_DDP, raised from its `prepare` when ctx.dist.world > 1); the test checks that error.
 
@@ -50,14 +50,14 @@ DRIVER_TIMEOUT = 1500  # seconds, all methods together
 COLLECTIVE_TIMEOUT = 180  # seconds: a method whose ranks fall out of step fails instead of hanging
 
 
-# "<method>+gc": the method with train.gradient_checkpointing under DDP, against one process without it.
-CHECKPOINTED = ["full+gc", "lora+gc"]
+# "<method>+<option>": the method with a memory option under DDP, against one process without it.
+MEMORY_OPTIONS = {"gc": {"gradient_checkpointing": True}, "chunk": {"loss_chunk_tokens": 7}}
+WITH_MEMORY_OPTION = ["full+gc", "lora+gc", "full+chunk", "lora+chunk"]
 
 
 def recipe(path: Path, corpus: Path, base: Path, method: str, **train) -> Path:
-    method, _, gc = method.partition("+")
-    return write_recipe(path, corpus, base, method, **{**TRAIN, **({"gradient_checkpointing": True} if gc else {}),
-                                                       **train})
+    method, _, option = method.partition("+")
+    return write_recipe(path, corpus, base, method, **{**TRAIN, **MEMORY_OPTIONS.get(option, {}), **train})
 
 
 class DDPRuns:
@@ -146,7 +146,7 @@ def one_process(tmp_path: Path, corpus: Path, base: Path, method: str, name: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHOD_NAMES + CHECKPOINTED)
+@pytest.mark.parametrize("method", METHOD_NAMES + WITH_MEMORY_OPTION)
 def test_method_under_two_processes_matches_one(tmp_path, corpus, base_dir, ddp_runs, method):
     import torch
 
@@ -156,7 +156,7 @@ def test_method_under_two_processes_matches_one(tmp_path, corpus, base_dir, ddp_
     if refused is None:
         # One process with the ranks' micro-batches (micro-batch 2 x grad_accum 2), and with the whole global
         # batch in one micro-batch (4): the logged losses must not depend on the split either.
-        plain = method.partition("+")[0]  # a "+gc" run is held to the method without checkpointing
+        plain = method.partition("+")[0]  # a "+gc" or "+chunk" run is held to the method without the option
         same_split = one_process(tmp_path, corpus, base_dir, plain, "accum", grad_accum=WORLD)
         whole = one_process(tmp_path, corpus, base_dir, plain, "whole",
                             micro_batch_size=WORLD * TRAIN["micro_batch_size"])

@@ -192,11 +192,14 @@ def validate_recipe(data: dict, source: str, kind: str | None = None) -> Trainin
         options.model_validate(cfg.method.options)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, f"{source}: method.options", options)) from None
-    if cfg.train.gradient_checkpointing:
-        why = method_class(cfg.method.name)(cfg.method.options).gradient_checkpointing_refusal()
-        if why:
-            raise ConfigError(f"{source}: train.gradient_checkpointing: not with method {cfg.method.name}: {why}; "
-                              "set it to false")
+    method = method_class(cfg.method.name)(cfg.method.options)
+    why = method.gradient_checkpointing_refusal() if cfg.train.gradient_checkpointing else None
+    if why:
+        raise ConfigError(f"{source}: train.gradient_checkpointing: not with method {cfg.method.name}: {why}; "
+                          "set it to false")
+    why = method.chunked_loss_refusal() if cfg.train.loss_chunk_tokens is not None else None
+    if why:
+        raise ConfigError(f"{source}: train.loss_chunk_tokens: not with method {cfg.method.name}: {why}; remove it")
     # Preference methods train on pairs and every other method on text or chat: say so before any work.
     wants = getattr(method_class(cfg.method.name), "data_format", "text")
     pairs = [s.source for s in cfg.data.train if s.format == "preference"]

@@ -177,6 +177,10 @@ class TrainConfig(Section):
     # checkpointing, non-reentrant): activation memory falls from all layers' to about one layer's, for ~1/3 more
     # compute per step. The losses and gradients are the same.
     gradient_checkpointing: bool = False
+    # The causal-LM loss with the head and cross-entropy run over this many target tokens at a time, each
+    # chunk's logits freed at once and recomputed in the backward pass (train/chunked_loss.py): the batch's
+    # logits (targets x vocabulary) are never whole. For large vocabularies; the loss is the same.
+    loss_chunk_tokens: int | None = Field(None, ge=1)
     seed: int = 0
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: only at the end
@@ -232,6 +236,9 @@ class TrainingRecipe(Section):
             raise ValueError(f"data: {chat[0].source} is a {chat[0].format} source: its loss is on assistant replies, "
                              "for a causal LM (train.objective: clm)")
         self._check_preference(replayed)
+        if self.train.loss_chunk_tokens is not None and self.train.objective != "clm":
+            raise ValueError("train.loss_chunk_tokens: only for train.objective: clm (the masked-LM loss is the "
+                             "model's own)")
         if self.train.whole_word_masking and self.train.objective != "mlm":
             raise ValueError("train.whole_word_masking: only for train.objective: mlm (a causal LM masks nothing)")
         if (self.init_optimizer or self.init_data_state) and self.init_from is None:

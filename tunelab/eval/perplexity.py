@@ -54,21 +54,35 @@ def window_indices(n_windows: int, max_windows: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_windows - 1, max_windows).round().astype(np.int64))
 
 
+def _nats(model, batch: dict[str, torch.Tensor], objective: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, the target ids) of one batch, the logits whole."""
+    # use_cache=False keeps document masking (see methods/base.py lm_loss).
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+    targets = batch["labels"]
+    if objective == "clm":  # shift the targets, not the logits: logits[:, :-1] would be copied by the reshape
+        targets = torch.nn.functional.pad(targets[:, 1:], (0, 1), value=-100)  # (batch x seq x vocab floats)
+    nats = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return nats, targets[targets != -100]
+
+
 @torch.no_grad()
 def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, *, eos_id: int, document_mask: bool,
                     byte_lengths: np.ndarray | None, max_tokens: int | None = None, batch_size: int = 8,
                     device: torch.device = torch.device("cpu"), autocast_dtype: torch.dtype | None = None,
                     objective: str = "clm", label_fn=None, loss_mask: np.ndarray | None = None,
-                    starts: np.ndarray | None = None) -> dict:
+                    starts: np.ndarray | None = None, chunk_tokens: int | None = None) -> dict:
     """Loss over held-out windows of `tokens`. Returns loss, ppl, bpb (None for MLM), eval_tokens.
 
     `label_fn(batch, window_indices)` labels MLM windows (deterministic masks); `loss_mask` (1 =
     target, aligned with `tokens`) excludes tokens from the loss, as in training. `starts` (a chat
     source's example offsets): whole examples packed into rows, each attending only to itself
     (tunelab.data.rows), so every reply is scored with its whole prompt, however training packed them.
+    `chunk_tokens` (train.loss_chunk_tokens, causal LMs): the head's logits `chunk_tokens` targets at a time.
     """
     from tunelab.data import PackedSequences, collate
     from tunelab.data.rows import ExampleRows
+    from tunelab.train.chunked_loss import chunked_lm_nats
     from tunelab.train.objectives import add_labels
 
     if len(tokens) < 2:
@@ -91,18 +105,14 @@ def evaluate_tokens(model, tokens: np.ndarray, seq_len: int, *, eos_id: int, doc
         batch = label_fn(batch, indices) if label_fn is not None else add_labels(batch, "clm")
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            # use_cache=False keeps document masking (see methods/base.py lm_loss).
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
-        targets = batch["labels"]
-        if objective == "clm":  # shift the targets, not the logits: logits[:, :-1] would be copied by the reshape
-            targets = torch.nn.functional.pad(targets[:, 1:], (0, 1), value=-100)  # (batch x seq x vocab floats)
-        nats = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        valid = targets != -100
+            if chunk_tokens is not None and objective == "clm":
+                nats, scored = chunked_lm_nats(model, batch, chunk_tokens)
+            else:
+                nats, scored = _nats(model, batch, objective)
         total_nats += float(nats)
-        total_targets += int(valid.sum())
+        total_targets += scored.numel()
         if byte_lengths is not None and objective == "clm":
-            total_bytes += int(byte_lengths[targets[valid].cpu().numpy()].sum())
+            total_bytes += int(byte_lengths[scored.cpu().numpy()].sum())
     model.train(was_training)
     loss = total_nats / max(1, total_targets)
     bpb = total_nats / math.log(2) / total_bytes if total_bytes else None

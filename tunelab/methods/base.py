@@ -24,6 +24,7 @@ The loop in train/loop.py calls these hooks, in this order, and nothing method-s
     end:        method.save_final(model, tokenizer, out_dir)   # HF model, or a PEFT adapter
     recipe:     method.gradient_checkpointing_refusal() -> why train.gradient_checkpointing cannot be used
                                          (None: it can; checked when the recipe is loaded)
+                method.chunked_loss_refusal() -> the same for train.loss_chunk_tokens
 
 A method with no backward pass (MeZO) sets `uses_backward = False` and implements
 `train_step(model, batches, step, lr) -> mean loss`; the loop then skips backward, the optimizer and
@@ -80,12 +81,17 @@ class AuxModel:
     extra: dict = field(default_factory=dict)
 
 
-def lm_loss(model, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+def lm_loss(model, batch: dict[str, "torch.Tensor"], chunk_tokens: int | None = None) -> "torch.Tensor":
     """Mean next-token (or masked-token) cross-entropy over the batch's targets; HF shifts labels.
 
     use_cache=False: with a KV cache transformers ignores restarting position ids, and
     `packing: document` would silently let attention cross documents.
+    `chunk_tokens` (train.loss_chunk_tokens): the same loss with the head's logits never whole.
     """
+    if chunk_tokens is not None:
+        from tunelab.train.chunked_loss import chunked_lm_loss
+
+        return chunked_lm_loss(model, batch, chunk_tokens)
     return model(**batch, use_cache=False).loss
 
 
@@ -93,6 +99,8 @@ class Method:
     name = "base"
     Options: type[BaseModel] = NoOptions
     uses_backward = True
+    loss_chunk_tokens: int | None = None  # train.loss_chunk_tokens, set by the training stage
+
 
     def __init__(self, options: dict | None = None):
         self.options = self.Options.model_validate(options or {})
@@ -116,7 +124,7 @@ class Method:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def loss(self, model, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
-        return lm_loss(model, batch)
+        return lm_loss(model, batch, self.loss_chunk_tokens)
 
     def train_step(self, model, batches: list[dict], step: int, lr: float) -> "torch.Tensor":
         raise NotImplementedError(f"method {self.name} sets uses_backward=False but has no train_step")
@@ -131,6 +139,12 @@ class Method:
         """Why train.gradient_checkpointing cannot be used with this method (None: it can)."""
         if not self.uses_backward:
             return f"{self.name} has no backward pass, so it keeps no activations to recompute"
+        return None
+
+    def chunked_loss_refusal(self) -> str | None:
+        """Why train.loss_chunk_tokens cannot be used with this method (None: it can)."""
+        if type(self).loss is not Method.loss:
+            return f"{self.name} computes its own loss from the logits, not the LM loss that option chunks"
         return None
 
     def metrics(self) -> dict[str, float]:

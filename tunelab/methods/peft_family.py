@@ -61,6 +61,12 @@ class AdaLoRA(PeftMethod):
     Options = AdaLoRAOptions
     raw_checkpoints = True  # peft's saved form drops pruned ranks: it cannot be trained on
 
+    def chunked_loss_refusal(self):
+        if self.options.orth_reg_weight > 0:
+            return ("peft adds AdaLoRA's orthogonality penalty to the model's own loss (orth_reg_weight > 0), "
+                    "which the chunked loss does not compute")
+        return None
+
     def peft_config(self, model, ctx, task_type):
         from peft import AdaLoraConfig
 

@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunelab.errors import ConfigError
+from tunelab.models import unwrapped
 from tunelab.methods.base import Method
 
 METRICS = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "reward_margin",
@@ -78,12 +79,6 @@ class Tuning(BaseModel):
 class PreferenceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tuning: Tuning = Field(default_factory=Tuning)
-
-
-def _unwrapped(model):
-    """The module under torch.compile and DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
 
 
 class PreferenceMethod(Method):
@@ -197,7 +192,7 @@ class DPO(PreferenceMethod):
 
     def prepare(self, model, ctx):
         model = super().prepare(model, ctx)
-        self.adapter_reference = hasattr(_unwrapped(model), "disable_adapter")
+        self.adapter_reference = hasattr(unwrapped(model), "disable_adapter")
         self.model = model  # the starting weights, until the first step: the cached reference is computed on them
         return model
 
@@ -253,7 +248,7 @@ class DPO(PreferenceMethod):
 
         if self.reference is not None:
             return self.reference[batch["pair_id"]].t()
-        base = _unwrapped(model)
+        base = unwrapped(model)
         was_training = base.training
         base.eval()  # no dropout in the reference
         try:

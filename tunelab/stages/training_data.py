@@ -213,6 +213,7 @@ def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
                                         document_mask=cfg.data.packing != "concat", byte_lengths=byte_lengths,
                                         max_tokens=tc.eval_max_tokens, batch_size=tc.micro_batch_size, device=device,
                                         autocast_dtype=autocast_dtype(tc.precision), objective=tc.objective,
-                                        label_fn=label_fn, loss_mask=mask, starts=data.eval_starts.get(domain))
+                                        label_fn=label_fn, loss_mask=mask, starts=data.eval_starts.get(domain),
+                                        chunk_tokens=tc.loss_chunk_tokens)
                 for domain, (tokens, mask) in data.eval_splits.items()}
     return evaluate
