@@ -19,7 +19,8 @@ What runs:
   lisa-code.yaml: one draw for this short run); mezo eps 1e-3 (two forward passes per step, no backward);
   sparse density 0.01 chosen by gradient magnitude over 1 calibration batch (the option's default is 4: fewer
   extra forward+backward passes before step 1; the memory of one is the same); full+gc and lora+gc: full and LoRA with
-  `train.gradient_checkpointing: true` (at the largest size), the lever for activation memory.
+  `train.gradient_checkpointing: true` (at the largest size), the lever for activation memory; full+gc+chunk and
+  lora+gc+chunk: also `train.loss_chunk_tokens: 256`, the lever for the head's logits.
 - peer: peft's `get_peft_model` with the same LoraConfig (r 8, alpha 16, dropout 0, "all-linear", CAUSAL_LM) on the
   same model dir loaded by `AutoModelForCausalLM.from_pretrained` (fp32, sdpa), trained by `transformers.Trainer`
   on the very token windows tunelab's loop draws, in the same order (tunelab's token cache and batch source), same
@@ -89,10 +90,12 @@ METHODS = {
     "sparse": ({"density": 0.01, "select": "grad", "calibration_steps": 1}, 1e-4),
 }
 PEER = "peft+trainer"
-# "<method>+gc": the same method with `train.gradient_checkpointing: true` (activations recomputed in the backward
-# pass), run at the largest size with the full micro batch: the lever for activation memory.
-CHECKPOINTED = ("full+gc", "lora+gc")
-ALL_METHODS = (*METHODS, PEER, *CHECKPOINTED)
+# "<method>+<option>...": the same method with memory options, run at the largest size with the full micro batch:
+# gc = `train.gradient_checkpointing: true` (activations recomputed in the backward pass), the lever for activation
+# memory; chunk = `train.loss_chunk_tokens: 256` (the head's 32k-vocabulary logits a quarter of the batch at a time).
+MEMORY_OPTIONS = {"gc": {"gradient_checkpointing": True}, "chunk": {"loss_chunk_tokens": 256}}
+WITH_MEMORY_OPTIONS = ("full+gc", "lora+gc", "full+gc+chunk", "lora+gc+chunk")
+ALL_METHODS = (*METHODS, PEER, *WITH_MEMORY_OPTIONS)
 # Which configurations run at which size: everything at the largest, the crossover trio at the others.
 SMALL_METHODS = ("full", "lora", "mezo")
 
@@ -112,8 +115,9 @@ def model_dir(out: Path, size: str) -> Path:
 
 def recipe_dict(spec: dict) -> dict:
     s = SHARED
-    method, _, gc = ("lora" if spec["method"] == PEER else spec["method"]).partition("+")
+    method, *memory = ("lora" if spec["method"] == PEER else spec["method"]).split("+")
     options, lr = METHODS[method]
+    memory_options = {k: v for option in memory for k, v in MEMORY_OPTIONS[option].items()}
     return {
         "kind": "finetune",
         "name": f"bench-{spec['size']}-{spec['method']}",
@@ -125,7 +129,7 @@ def recipe_dict(spec: dict) -> dict:
             "optimizer": "adamw", "lr": lr, "betas": list(s["betas"]), "eps": s["eps"],
             "weight_decay": s["weight_decay"], "grad_clip": s["grad_clip"],
             "schedule": {"name": "constant", "warmup_steps": 0},
-            "precision": "fp32", "compile": False, "seed": s["seed"], "gradient_checkpointing": gc == "gc",
+            "precision": "fp32", "compile": False, "seed": s["seed"], **memory_options,
             # One train event per step (tokens/s); no step-0 eval; eval and checkpoint only at the end, which
             # the loop always does: the evaluation capped at 1,024 tokens.
             "log_every": 1, "eval_at_start": False, "eval_every": 0, "checkpoint_every": 0,
@@ -658,14 +662,15 @@ def section(args, machine: dict, prep: dict, results: list[dict], total_s: float
                            f"{v['peak_mb']:.2f}x; mean training loss {lora['mean_loss']:.4f} vs {peer['mean_loss']:.4f}"
                            f" (peer optimizer: {peer.get('optimizer')})")
         goals = []
-        for m, goal in (("lora", 0.5), ("lora+gc", 0.5), ("mezo", 0.4)):
+        for m, goal in (("lora", 0.5), ("lora+gc", 0.5), ("lora+gc+chunk", 0.5), ("mezo", 0.4)):
             r = by.get((largest, m, micro, malloc))
             if r and r["rss_vs_full"] is not None:
                 goals.append(f"{m} {r['rss_vs_full']:.2f}x of full (goal <= {goal}x: "
                              f"{'met' if r['rss_vs_full'] <= goal else 'missed'})")
-        both = by.get((largest, "lora+gc", micro, malloc)), by.get((largest, "full+gc", micro, malloc))
-        if all(both):
-            goals.append(f"lora+gc {both[0]['peak_mb'] / both[1]['peak_mb']:.2f}x of full+gc (both checkpointed)")
+        for variant in ("+gc", "+gc+chunk"):  # against full fine-tuning with the same memory options
+            both = by.get((largest, "lora" + variant, micro, malloc)), by.get((largest, "full" + variant, micro, malloc))
+            if all(both):
+                goals.append(f"lora{variant} {both[0]['peak_mb'] / both[1]['peak_mb']:.2f}x of full{variant}")
         if goals:
             summary.append(f"- goals at {largest}, malloc {malloc} (whole-process peak RSS): {'; '.join(goals)}")
         summary.append(f"- crossover, malloc {malloc} (RSS <= 0.7x full's, micro batch {micro}): LoRA "
@@ -694,7 +699,7 @@ was rerun once).
 | batch | micro batch {micro} x seq {s['seq_len']} = {micro * s['seq_len']:,} tokens/step (last table: micro batch 1), no accumulation; {args.steps} steps, the first {args.warmup} not timed |
 | precision | fp32 (`train.precision: fp32`; the peer: no bf16/fp16), sdpa attention, no torch.compile |
 | optimizer | AdamW, fused (tunelab `torch.optim.AdamW(fused=True)`; the Trainer's default `adamw_torch_fused`), betas {s['betas']}, eps {s['eps']}, weight decay {s['weight_decay']}, clip {s['grad_clip']}, constant LR (full/LISA/sparse 1e-4, LoRA 2e-3, MeZO 1e-6: no optimizer, SGD along z) |
-| methods | full; lora r 8, alpha 16, dropout 0, all linear layers; lisa gamma 1, interval 20; mezo eps 1e-3 (a step = 2 forward passes, no backward); sparse density 0.01 by gradient over 1 calibration batch; `full+gc`, `lora+gc`: the same with `train.gradient_checkpointing: true` (each layer's activations recomputed in the backward pass) |
+| methods | full; lora r 8, alpha 16, dropout 0, all linear layers; lisa gamma 1, interval 20; mezo eps 1e-3 (a step = 2 forward passes, no backward); sparse density 0.01 by gradient over 1 calibration batch; `full+gc`, `lora+gc`: the same with `train.gradient_checkpointing: true` (each layer's activations recomputed in the backward pass); `+chunk`: also `train.loss_chunk_tokens: 256` (head + cross-entropy over 256 targets at a time, each chunk's logits recomputed in the backward pass) |
 | tunelab run | the `finetune` stage (`run_stage`), `eval_at_start: false`, `eval_every: 0`, `checkpoint_every: 0`: the loop still evaluates (1,024 tokens) and checkpoints once at the end, then writes final/; all inside the measured process |
 | peer | peft `get_peft_model` (same LoraConfig) + `transformers.Trainer`, no eval, no saving |
 | malloc | `default`: glibc as installed. `fixed`: `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576` in the child, which turns off glibc's dynamic mmap threshold: blocks >= 1 MiB (activations, gradients) are mmap'd and unmapped when freed, so RSS follows the live tensors |
