@@ -142,7 +142,9 @@ def carry_init_state(cfg, init: Init, model, method, batches) -> None:
     if cfg.init_data_state:
         ckpt.load_data_state(init.checkpoint, batches)
     if cfg.init_optimizer and method.uses_backward:
-        ckpt.carry_optimizer_moments(init.checkpoint, build_optimizer(method.trainable_params(model), cfg.train))
+        # Mapped, not read: the check looks at names and shapes; the loop reads the moments once.
+        ckpt.carry_optimizer_moments(init.checkpoint, build_optimizer(method.trainable_params(model), cfg.train),
+                                     mmap=True)
 
 
 @dataclass

@@ -238,14 +238,15 @@ def load_optimizer(path: Path, optimizer, what: str = "resume") -> None:
                           f"{fix}") from None
 
 
-def carry_optimizer_moments(path: Path, optimizer) -> dict:
+def carry_optimizer_moments(path: Path, optimizer, mmap: bool = False) -> dict:
     """init_optimizer: the moments another run kept for a parameter of the same name go to that parameter;
     the rest of this run's trainable parameters start fresh (the other run froze them: full fine-tuning
     after LISA, HFT or sparse fine-tuning). This run's own hyperparameters (lr, betas, weight decay) stay.
-    Returns {"carried": n, "fresh": m} (tensors)."""
+    Returns {"carried": n, "fresh": m} (tensors). `mmap`: the file is mapped, not read, for a check that
+    looks only at names and shapes (the moments of a throwaway optimizer)."""
     where = f"init_optimizer: {path / 'optimizer.pt'}"
     try:
-        saved = torch.load(path / "optimizer.pt", weights_only=True)
+        saved = torch.load(path / "optimizer.pt", weights_only=True, mmap=mmap)
     except (RuntimeError, OSError, EOFError) as err:
         raise RunDirError(f"{where} cannot be read ({str(err).splitlines()[0][:120]}): point init_from at an "
                           "intact checkpoint, or set init_optimizer: false") from None
