@@ -143,9 +143,12 @@ def test_bf16_stays_close_to_fp32(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_compile_stays_close_to_fp32(tmp_path, corpus):
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole-logits", "loss-chunks"])
+def test_compile_stays_close_to_fp32(tmp_path, corpus, chunked):
+    """train.compile compiles the model's forward; with train.loss_chunk_tokens the chunks run after it."""
     fp32 = _five_losses(tmp_path, corpus, "fp32")
-    compiled = _five_losses(tmp_path, corpus, "compiled", compile=True)
+    chunks = {"loss_chunk_tokens": 50} if chunked else {}
+    compiled = _five_losses(tmp_path, corpus, "compiled", compile=True, **chunks)
     assert sorted(compiled) == [1, 2, 3, 4, 5]
     for step in fp32:  # the same fp32 math, fused differently: tiny differences only
         assert compiled[step] == pytest.approx(fp32[step], rel=1e-5), step
@@ -182,6 +185,22 @@ def test_resume_with_extended_max_steps_is_accepted_and_recorded(tmp_path, corpu
     assert sorted(train_losses(run / "metrics.jsonl")) == list(range(1, 10))
     assert [e["step"] for e in events if e["event"] == "resume"] == [6]
     assert ckpt.verify(run / "checkpoints" / "step-9") is None
+
+
+def test_resume_may_turn_the_memory_options_on_and_trains_the_same(tmp_path, corpus):
+    """train.gradient_checkpointing and train.loss_chunk_tokens change memory, not what a step computes."""
+    constant = {"schedule": {"name": "constant"}}  # the run's length then leaves every step's lr alone
+    straight = run_stage(recipe(corpus, max_steps=9, **constant), out=tmp_path / "straight", quiet=True)
+    run = run_stage(recipe(corpus, **constant), out=tmp_path / "run", quiet=True)
+    run_stage(recipe(corpus, max_steps=9, gradient_checkpointing=True, loss_chunk_tokens=40, **constant), out=run,
+              resume=True, quiet=True)
+    changes = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "config_change"]
+    assert changes[0]["changes"] == {"train.max_steps": [6, 9], "train.gradient_checkpointing": [False, True],
+                                     "train.loss_chunk_tokens": [None, 40]}
+    got, expected = train_losses(run / "metrics.jsonl"), train_losses(straight / "metrics.jsonl")
+    assert sorted(got) == sorted(expected) == list(range(1, 10))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
 # ---------------------------------------------------------------- non-finite runs

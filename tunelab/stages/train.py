@@ -40,12 +40,12 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
             "its pruned weights at 0; use method: masked to keep the sparsity")
     if cfg.train.gradient_checkpointing:  # on the base model, before a method wraps it (peft)
         models.enable_gradient_checkpointing(model)
+    method.loss_chunk_tokens = cfg.train.loss_chunk_tokens  # before prepare: a calibration pass (sparse) chunks too
     model = method.prepare(model, ctx).to(d.device)
     if cfg.train.loss_chunk_tokens is not None:  # refused here if the chunks would not give the model's own loss
         from tunelab.train.chunked_loss import check_reproduces_model_loss
 
         check_reproduces_model_loss(model, len(tokenizer), cfg.train.loss_chunk_tokens, d.device)
-        method.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     for aux in method.aux_models().values():  # a teacher or reference: on our device, frozen, in eval mode
         aux.module.to(d.device).eval().requires_grad_(False)
     setup.seed_everything(setup.rank_seed(cfg.train.seed, d.rank))  # dropout streams differ per process
