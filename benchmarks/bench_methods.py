@@ -1,7 +1,7 @@
 """Peak RSS and training tokens/s of the fine-tuning methods (full, LoRA, LISA, MeZO, sparse) at ~200M parameters,
 the size at which their memory savings show, and LoRA against peft + HF `Trainer` in the same run.
 
-    python benchmarks/bench_methods.py                 # full run (~35-40 min on 2 quiet cores), rewrites its RESULTS.md section
+    python benchmarks/bench_methods.py                 # full run (~45 min on 2 quiet cores), rewrites its RESULTS.md section
     python benchmarks/bench_methods.py --quick         # smoke check: the 10M model only, 4 steps, prints only
     python benchmarks/bench_methods.py --sizes 200M --only lora,peft     # a subset (prints only, unless --write)
 
