@@ -12,7 +12,8 @@ upcast to float), up to summation order. The head is called as the module it is,
 (LoRA on lm_head, trainable tokens) and tied embeddings take part as usual, and the forward still goes
 through the DDP and compile wrappers. A model that does more than `head(hidden)` to its logits (logit
 soft-capping or scaling) or changes its inputs in another way than peft's prompt learning (virtual
-tokens prepended, labelled -100 as peft does) would get another loss: `check_reproduces_model_loss` compares the two once, before training, and refuses such a model.
+tokens prepended, labelled -100 as peft does) would get another loss: `check_reproduces_model_loss`
+compares the two once, before training, and refuses such a model.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def check_reproduces_model_loss(model, vocab_size: int, chunk: int, device) -> N
             own = model(**batch, use_cache=False).loss
             try:
                 chunked = chunked_lm_loss(model, batch, min(chunk, 5))  # several chunks even on this small batch
-            except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:  # e.g. a forward without logits_to_keep
+            # e.g. a forward without logits_to_keep, or one that calls its head on something else
+            except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
                 raise ModelError(f"train.loss_chunk_tokens: {name} cannot run with its head skipped "
                                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
                                  "remove train.loss_chunk_tokens") from None
