@@ -101,7 +101,6 @@ class Method:
     uses_backward = True
     loss_chunk_tokens: int | None = None  # train.loss_chunk_tokens, set by the training stage
 
-
     def __init__(self, options: dict | None = None):
         self.options = self.Options.model_validate(options or {})
 

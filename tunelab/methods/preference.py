@@ -38,8 +38,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunelab.errors import ConfigError
-from tunelab.models import unwrapped
 from tunelab.methods.base import Method
+from tunelab.models import unwrapped
 
 METRICS = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "reward_margin",
            "reward_accuracy")
