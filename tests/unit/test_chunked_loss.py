@@ -10,7 +10,9 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 
 from tunelab.config import load_recipe
 from tunelab.errors import ConfigError, ModelError
-from tunelab.train.chunked_loss import check_reproduces_model_loss, chunked_lm_loss
+from tunelab.eval.preference import pair_logps, sequence_logps
+from tunelab.methods import create_method
+from tunelab.train.chunked_loss import check_reproduces_model_loss, chunked_lm_loss, chunked_sequence_logps
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 VOCAB = 61
@@ -150,8 +152,9 @@ def write(tmp_path, **changes):
 @pytest.mark.parametrize("changes, message", [
     ({"train__loss_chunk_tokens": 0}, "train.loss_chunk_tokens"),
     ({"model__preset": "bert-tiny", "train__objective": "mlm"}, "only for train.objective: clm"),
-    ({"method__name": "dpo", "data__train": [{"source": "builtin:preference", "format": "preference"}]},
-     "train.loss_chunk_tokens: not with method dpo: dpo computes its own loss from the logits"),
+    ({"method__name": "dpo", "data__train": [{"source": "builtin:preference", "format": "preference"}],
+      "method__options": {"tuning": {"name": "adalora"}}},
+     "train.loss_chunk_tokens: not with method dpo: peft adds AdaLoRA's orthogonality penalty"),
     ({"method__name": "adalora"}, "not with method adalora: peft adds AdaLoRA's orthogonality penalty"),
 ])
 def test_recipes_it_cannot_serve_are_refused_when_they_load(tmp_path, changes, message):
@@ -179,3 +182,67 @@ def test_evaluation_with_chunks_gives_the_same_loss_and_bytes():
     assert chunked["eval_tokens"] == whole["eval_tokens"] > 400
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert chunked["bpb"] == pytest.approx(whole["bpb"], rel=1e-6)
+
+
+# ---------------------------------------------------------------- preference methods: each reply's log-probability
+
+
+def pairs_batch(dtype=torch.long) -> dict[str, torch.Tensor]:
+    """2 pairs: rows 0-1 the chosen replies, rows 2-3 the rejected ones, each after a prompt (loss_mask 0)."""
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (4, 13), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate([3, 5, 3, 7]):
+        mask[row, prompt:] = 1
+    mask[3, 11:] = 0  # a padded reply
+    return {"input_ids": ids, "loss_mask": mask, "pair_id": torch.tensor([0, 1])}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_reply_log_probs_and_their_gradients_equal_the_whole_logits_ones(dtype, chunk):
+    model, batch = tiny_llama(tied=True).to(dtype), pairs_batch()
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+
+    def summed(fn):
+        logps, counts = fn()
+        return (logps * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=logps.dtype)).sum(), logps.detach(), counts
+
+    whole = loss_and_grads(model, lambda: summed(lambda: sequence_logps(model(input_ids=ids).logits, ids, mask))[0])
+    expected_logps, expected_counts = summed(lambda: sequence_logps(model(input_ids=ids).logits, ids, mask))[1:]
+    chunked = loss_and_grads(model, lambda: summed(lambda: chunked_sequence_logps(model, ids, mask, chunk))[0])
+    got_logps, got_counts = summed(lambda: chunked_sequence_logps(model, ids, mask, chunk))[1:]
+    assert got_logps.dtype == expected_logps.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got_logps, expected_logps, rtol=1e-6, atol=1e-5)
+    assert got_counts.tolist() == expected_counts.tolist() == [10, 8, 10, 4]
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-5)
+    for name in whole[1]:
+        torch.testing.assert_close(chunked[1][name], whole[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(pair_logps(model, batch, chunk)[0], pair_logps(model, batch)[0], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
+def test_preference_losses_are_the_same_with_chunks_and_the_head_sees_a_chunk_at_most(name):
+    model, batch = tiny_llama(), pairs_batch()
+    method = create_method(name, {})
+    if name == "dpo":  # the cached-reference path: [pair id, (chosen, rejected)] from the starting weights
+        method.reference = pair_logps(model, batch)[0] - 0.25
+    whole = loss_and_grads(model, lambda: method.loss(model, batch))
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    method.loss_chunk_tokens = 4
+    try:
+        chunked = loss_and_grads(model, lambda: method.loss(model, batch))
+    finally:
+        hook.remove()
+    assert rows and max(rows) <= 4
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+    for param in whole[1]:
+        torch.testing.assert_close(chunked[1][param], whole[1][param], rtol=1e-5, atol=1e-7, msg=param)
+
+
+def test_preference_methods_may_chunk(tmp_path):
+    data = [{"source": "builtin:preference", "format": "preference"}]
+    for name in ("dpo", "simpo", "orpo"):
+        cfg = load_recipe(write(tmp_path, method__name=name, data__train=data))
+        assert cfg.train.loss_chunk_tokens == 64

@@ -30,17 +30,30 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     return -(nll * mask).sum(dim=1), mask.sum(dim=1)
 
 
+def model_sequence_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, chunk_tokens: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps of the model's logits on input_ids; with `chunk_tokens` (train.loss_chunk_tokens) the
+    head runs that many targets at a time and the logits are never whole (train/chunked_loss.py)."""
+    if chunk_tokens is not None:
+        from tunelab.train.chunked_loss import chunked_sequence_logps
+
+        return chunked_sequence_logps(model, input_ids, loss_mask, chunk_tokens)
+    return sequence_logps(model(input_ids=input_ids, use_cache=False).logits, input_ids, loss_mask)
+
+
 @torch.no_grad()
-def pair_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities and target counts of a batch of pairs, as [B, 2] (chosen, rejected)."""
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-    logps, counts = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    logps, counts = model_sequence_logps(model, batch["input_ids"], batch["loss_mask"], chunk_tokens)
     return logps.view(2, -1).t(), counts.view(2, -1).t()
 
 
 def evaluate_pairs(model, pairs, *, batch_size: int, pad_id: int, device: torch.device = torch.device("cpu"),
-                   autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None) -> dict:
-    """Held-out metrics of a PairSet (module docstring); at most about max_tokens tokens, pairs spread evenly."""
+                   autocast_dtype: torch.dtype | None = None, max_tokens: int | None = None,
+                   chunk_tokens: int | None = None) -> dict:
+    """Held-out metrics of a PairSet (module docstring); at most about max_tokens tokens, pairs spread evenly.
+    `chunk_tokens`: the head a chunk of targets at a time (train.loss_chunk_tokens)."""
     from tunelab.data.rows import collate_pairs
     from tunelab.eval.perplexity import window_indices
 
@@ -55,7 +68,7 @@ def evaluate_pairs(model, pairs, *, batch_size: int, pad_id: int, device: torch.
         batch = collate_pairs([pairs[i] for i in picked[start:start + batch_size]], pad_id)
         batch = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            lp, n = pair_logps(model, batch)
+            lp, n = pair_logps(model, batch, chunk_tokens)
         logps.append(lp.cpu().double())
         counts.append(n.cpu().double())
     model.train(was_training)

@@ -2,7 +2,8 @@
 
 Each pair is a prompt with a chosen and a rejected reply. A batch (train/batches.py PreferenceBatches)
 holds both replies of every pair; one forward gives the summed log-probability of each reply's tokens
-(eval/preference.py sequence_logps), and the method turns the two into a loss per pair (mean over pairs):
+(eval/preference.py model_sequence_logps; a chunk of targets at a time
+with train.loss_chunk_tokens), and the method turns the two into a loss per pair (mean over pairs):
 
     dpo     -log σ(β [(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))])     (Rafailov et al. 2023)
             with label_smoothing ε: (1 - ε) of that + ε of the same with c and r swapped (conservative DPO)
@@ -106,6 +107,9 @@ class PreferenceMethod(Method):
     def gradient_checkpointing_refusal(self):
         return self.inner.gradient_checkpointing_refusal()
 
+    def chunked_loss_refusal(self):  # the replies' log-probs chunk (eval/preference.py model_sequence_logps)
+        return self.inner.chunked_loss_refusal()
+
     def select_trainable(self, model, step):
         return self.inner.select_trainable(model, step)
 
@@ -151,10 +155,9 @@ class PreferenceMethod(Method):
     def loss(self, model, batch):
         import torch
 
-        from tunelab.eval.preference import sequence_logps
+        from tunelab.eval.preference import model_sequence_logps
 
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-        logps, counts = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        logps, counts = model_sequence_logps(model, batch["input_ids"], batch["loss_mask"], self.loss_chunk_tokens)
         chosen, rejected = logps.view(2, -1)
         n_chosen, n_rejected = counts.view(2, -1).clamp(min=1)
         losses, reward_chosen, reward_rejected = self.pair_losses(model, batch, chosen, rejected, n_chosen, n_rejected)
@@ -224,7 +227,7 @@ class DPO(PreferenceMethod):
                         continue
                     batch = {k: v.to(device) for k, v in batches.collate(new).items()}
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        table[batch["pair_id"]] = pair_logps(model, batch)[0]
+                        table[batch["pair_id"]] = pair_logps(model, batch, self.loss_chunk_tokens)[0]
                     computed.update(new)
         finally:
             model.train(was_training)
@@ -253,7 +256,7 @@ class DPO(PreferenceMethod):
         base.eval()  # no dropout in the reference
         try:
             with torch.no_grad(), base.disable_adapter():
-                return pair_logps(base, batch)[0].t()
+                return pair_logps(base, batch, self.loss_chunk_tokens)[0].t()
         finally:
             base.train(was_training)
 

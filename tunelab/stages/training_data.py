@@ -207,7 +207,7 @@ def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
 
         pairs = {domain: evaluate_pairs(model, held, batch_size=tc.micro_batch_size, pad_id=models.eos_id(tokenizer),
                                         device=device, autocast_dtype=autocast_dtype(tc.precision),
-                                        max_tokens=tc.eval_max_tokens)
+                                        max_tokens=tc.eval_max_tokens, chunk_tokens=tc.loss_chunk_tokens)
                  for domain, held in data.eval_pairs.items()}
         return pairs | {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=models.eos_id(tokenizer),
                                         document_mask=cfg.data.packing != "concat", byte_lengths=byte_lengths,

@@ -14,6 +14,9 @@ through the DDP and compile wrappers. A model that does more than `head(hidden)`
 soft-capping or scaling) or changes its inputs in another way than peft's prompt learning (virtual
 tokens prepended, labelled -100 as peft does) would get another loss: `check_reproduces_model_loss`
 compares the two once, before training, and refuses such a model.
+
+Preference methods (DPO, SimPO, ORPO) sum each reply's log-probability the same way
+(`chunked_sequence_logps`): the chosen and rejected replies of a batch never have whole logits either.
 """
 
 from __future__ import annotations
@@ -28,20 +31,19 @@ from tunelab.models import unwrapped
 IGNORE_INDEX = -100  # transformers' label for "no target here"
 
 
-def _chunk_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _chunk_nll(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)
+    return F.cross_entropy(logits if logits.dtype == torch.float64 else logits.float(), targets, reduction="none")
 
 
-def chunked_lm_loss(model, batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model` on `batch`, the head applied `chunk` targets at a time."""
-    total, targets = chunked_lm_nats(model, batch, chunk)
-    return total / targets.numel()  # no target at all: nan, as the model's own mean loss gives
+def scored_token_nll(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of every position with a target, the head applied `chunk` targets at a time.
 
-
-def chunked_lm_nats(model, batch: dict[str, torch.Tensor], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token cross-entropy, the target token ids it was summed over), `chunk` targets at a time."""
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    `labels` as transformers takes them (the inputs' ids, IGNORE_INDEX where nothing is scored). Returns
+    (nll of each scored target, float32 or float64 for a float64 model; the row it belongs to; its token id),
+    in row-major order.
+    """
     no_position = torch.empty(0, dtype=torch.long, device=labels.device)
     out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_position)
     hidden = out.hidden_states[-1]
@@ -54,13 +56,37 @@ def chunked_lm_nats(model, batch: dict[str, torch.Tensor], chunk: int) -> tuple[
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     # Only positions with a target reach the head: prompt tokens of chat data cost nothing there.
+    rows = scored.nonzero()[:, 0]
     hidden, targets = hidden[:, :-1][scored], targets[scored]
     head = unwrapped(model).get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk):
-        piece = slice(start, start + chunk)
-        total = total + checkpoint(_chunk_loss_sum, head, hidden[piece], targets[piece], use_reentrant=False)
-    return total, targets
+    pieces = [checkpoint(_chunk_nll, head, hidden[start:start + chunk], targets[start:start + chunk],
+                         use_reentrant=False) for start in range(0, targets.numel(), chunk)]
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    nll = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=dtype)
+    return nll, rows, targets
+
+
+def chunked_lm_loss(model, batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` on `batch`, the head applied `chunk` targets at a time."""
+    total, targets = chunked_lm_nats(model, batch, chunk)
+    return total / targets.numel()  # no target at all: nan, as the model's own mean loss gives
+
+
+def chunked_lm_nats(model, batch: dict[str, torch.Tensor], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy, the target token ids it was summed over), `chunk` targets at a time."""
+    nll, _, targets = scored_token_nll(model, {k: v for k, v in batch.items() if k != "labels"}, batch["labels"],
+                                       chunk)
+    return nll.sum(), targets
+
+
+def chunked_sequence_logps(model, input_ids: torch.Tensor, loss_mask: torch.Tensor, chunk: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """eval/preference.py sequence_logps from the model, the head applied `chunk` targets at a time: (summed
+    log-probability of each row's targets (tokens 1.. where loss_mask), their count)."""
+    labels = input_ids.masked_fill(~loss_mask.bool(), IGNORE_INDEX)
+    nll, rows, _ = scored_token_nll(model, {"input_ids": input_ids}, labels, chunk)
+    logps = -nll.new_zeros(input_ids.shape[0]).index_add(0, rows, nll)
+    return logps, loss_mask[:, 1:].bool().sum(dim=1)
 
 
 def check_reproduces_model_loss(model, vocab_size: int, chunk: int, device) -> None:
