@@ -118,6 +118,7 @@ def recipe_dict(spec: dict) -> dict:
     method, *memory = ("lora" if spec["method"] == PEER else spec["method"]).split("+")
     options, lr = METHODS[method]
     memory_options = {k: v for option in memory for k, v in MEMORY_OPTIONS[option].items()}
+    memory_options.update(MALLOC[spec.get("malloc", "default")][1])
     return {
         "kind": "finetune",
         "name": f"bench-{spec['size']}-{spec['method']}",
@@ -495,7 +496,10 @@ def spawn(spec: dict, out: Path, echo: bool = False, extra_env: dict | None = No
 # glibc's malloc raises its mmap threshold each time a big block is freed (up to 32 MiB), after which freed
 # activations stay in the heap instead of going back to the OS. "fixed" pins the threshold (which turns the
 # dynamic raise off): every block >= 1 MiB is its own mmap, returned on free, so RSS follows live memory.
-MALLOC = {"default": {}, "fixed": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}}
+# "release": tunelab's `train.release_freed_memory: true`, which sets the same threshold from inside the stage
+# (the peer, which has no such key, runs as in "default"). Each mode: (environment, train keys).
+MALLOC = {"default": ({}, {}), "fixed": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}, {}),
+          "release": ({}, {"release_freed_memory": True})}
 
 
 def configurations(args) -> list[dict]:
@@ -527,7 +531,7 @@ def run_config(conf: dict, args, out: Path, index: int) -> dict:
     spec = {**conf, "model_dir": str(model_dir(out, conf["size"])), "steps": args.steps, "warmup": args.warmup,
             "workdir": str(out / "methods" / "work" / f"{index:02d}-{conf['size']}-{conf['method']}")}
     shutil.rmtree(spec["workdir"], ignore_errors=True)
-    result, samples, wall = spawn(spec, out, extra_env=MALLOC[conf["malloc"]])
+    result, samples, wall = spawn(spec, out, extra_env=MALLOC[conf["malloc"]][0])
     result = {**conf, **result, "process_s": round(wall, 1)}
     result["other_load"] = bt.other_load_in(samples, tuple(result["window"]))
     shutil.rmtree(spec["workdir"], ignore_errors=True)  # a run of the 200M model writes ~2.4 GB

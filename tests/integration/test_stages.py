@@ -203,6 +203,30 @@ def test_resume_may_turn_the_memory_options_on_and_trains_the_same(tmp_path, cor
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step
 
 
+def test_release_freed_memory_is_set_once_before_the_model_loads_and_says_where_it_cannot(
+        tmp_path, corpus, monkeypatch, capsys):
+    import tunelab.stages.setup as stage_setup
+    import tunelab.train.host_memory as host_memory
+
+    events = []
+    load = stage_setup.initial_model
+    monkeypatch.setattr(stage_setup, "initial_model", lambda *a, **k: events.append("model") or load(*a, **k))
+    # A spy, not the real call: glibc's setting would stay with this test process for good.
+    monkeypatch.setattr(host_memory, "release_freed_memory", lambda: events.append("release") or glibc[0])
+    glibc = [True]
+    run_stage(recipe(corpus, max_steps=2, checkpoint_every=0, release_freed_memory=True), out=tmp_path / "on")
+    assert events == ["release", "model"]
+    assert "the C library is not glibc" not in capsys.readouterr().out
+    events.clear()
+    run_stage(recipe(corpus, max_steps=2, checkpoint_every=0), out=tmp_path / "off", quiet=True)
+    assert events == ["model"]
+    events.clear()
+    glibc[0] = False
+    run_stage(recipe(corpus, max_steps=2, checkpoint_every=0, release_freed_memory=True), out=tmp_path / "musl")
+    assert "train.release_freed_memory: the C library is not glibc" in capsys.readouterr().out
+    assert (tmp_path / "musl" / "final").is_dir()  # the run itself goes on as usual
+
+
 # ---------------------------------------------------------------- non-finite runs
 
 

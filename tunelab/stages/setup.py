@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # training_data.py builds on this module
 # the LR schedule after the checkpoint then follows the new length (said in the log).
 SAFE_ON_RESUME = ("name", "train.max_steps", "train.log_every", "train.eval_every", "train.eval_max_tokens",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.gradient_checkpointing",
-                  "train.loss_chunk_tokens", "data.eval", "data.cache_dir")
+                  "train.loss_chunk_tokens", "train.release_freed_memory",
+                  "data.eval", "data.cache_dir")
 
 
 def seed_everything(seed: int) -> None:

@@ -19,6 +19,7 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     from tunelab.methods import create_method
     from tunelab.methods.base import MethodContext
     from tunelab.train import dist as distmod
+    from tunelab.train.host_memory import release_freed_memory
     from tunelab.train.loop import train
     from tunelab.train.progress import ProgressBar
     from tunelab.train.schedules import describe as describe_schedule
@@ -26,6 +27,8 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     method = create_method(cfg.method.name, cfg.method.options)
     stage = setup.open_stage(cfg, out, resume, quiet)
     d, run, log = stage.d, stage.run, stage.log
+    if cfg.train.release_freed_memory and not release_freed_memory():  # before the model's memory is allocated
+        log("train.release_freed_memory: the C library is not glibc (no mallopt): memory is managed as usual")
     setup.seed_everything(cfg.train.seed)  # the same initial weights on every process
     init = stage.init
     tokenizer = stage.rank0_first(lambda: setup.resolve_tokenizer(cfg, stage.cache, log, init))
