@@ -29,8 +29,9 @@ What runs:
 
 Every configuration runs twice, with two glibc malloc settings (`--malloc`): `default`, and `fixed`
 (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576: glibc's dynamic mmap threshold off, so freed activations go
-back to the OS and RSS follows the live tensors; it costs speed). The largest model also runs full/LoRA/MeZO with
-micro batch 1 (a quarter of the activations).
+back to the OS and RSS follows the live tensors; it costs speed). A third mode, `release` (`--malloc
+default,release`), sets the same threshold through tunelab's own `train.release_freed_memory: true` (the peer runs
+as in `default`). The largest model also runs full/LoRA/MeZO with micro batch 1 (a quarter of the activations).
 
 How it is measured:
 - every configuration is a fresh subprocess, one after the other; before each, the script waits for a quiet
@@ -582,7 +583,7 @@ def _load(r: dict | None, threshold: float) -> str:
 
 
 def results_table(results: list[dict], args, micro: int) -> str:
-    """One row per (size, method): both allocator modes side by side."""
+    """One row per (size, method): the allocator modes side by side."""
     by = {_key(r): r for r in results}
     modes = [m for m in args.malloc if any(r["malloc"] == m and r["micro"] == micro for r in results)]
     head = "| size | parameters | configuration | trainable |"
@@ -706,7 +707,7 @@ was rerun once).
 | methods | full; lora r 8, alpha 16, dropout 0, all linear layers; lisa gamma 1, interval 20; mezo eps 1e-3 (a step = 2 forward passes, no backward); sparse density 0.01 by gradient over 1 calibration batch; `full+gc`, `lora+gc`: the same with `train.gradient_checkpointing: true` (each layer's activations recomputed in the backward pass); `+chunk`: also `train.loss_chunk_tokens: 256` (head + cross-entropy over 256 targets at a time, each chunk's logits recomputed in the backward pass) |
 | tunelab run | the `finetune` stage (`run_stage`), `eval_at_start: false`, `eval_every: 0`, `checkpoint_every: 0`: the loop still evaluates (1,024 tokens) and checkpoints once at the end, then writes final/; all inside the measured process |
 | peer | peft `get_peft_model` (same LoraConfig) + `transformers.Trainer`, no eval, no saving |
-| malloc | `default`: glibc as installed. `fixed`: `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576` in the child, which turns off glibc's dynamic mmap threshold: blocks >= 1 MiB (activations, gradients) are mmap'd and unmapped when freed, so RSS follows the live tensors |
+| malloc | `default`: glibc as installed. `fixed`: `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576` in the child, which turns off glibc's dynamic mmap threshold: blocks >= 1 MiB (activations, gradients) are mmap'd and unmapped when freed, so RSS follows the live tensors. `release`: tunelab's `train.release_freed_memory: true`, the same threshold set by the stage itself (the peer as in `default`) |
 | peak RSS | the child's VmHWM, reset at each phase boundary; the whole-process peak is the largest phase peak ("peak set in") |
 | tokens/s | timed tokens / timed wall time (tunelab: per-step `tokens_per_s` of metrics.jsonl; peer: `on_step_end` timestamps) |
 | trainable | parameters with `requires_grad` as the stage logs them; sparse: the entries that train (the candidate matrices get dense gradients and moments) |
@@ -745,7 +746,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per configuration (default 7; quick 4)")
     ap.add_argument("--warmup", type=int, default=None, help="first steps excluded from timing (default 2)")
     ap.add_argument("--only", default=None, help=f"comma-separated methods ({', '.join(ALL_METHODS)})")
-    ap.add_argument("--malloc", default="default,fixed", help="allocator modes: default, fixed (default: both)")
+    ap.add_argument("--malloc", default="default,fixed",
+                    help="allocator modes: default, fixed, release (default: default,fixed)")
     ap.add_argument("--no-micro1", dest="micro1", action="store_false",
                     help="skip the largest model's micro-batch-1 runs")
     ap.add_argument("--all-methods", action="store_true", help="every method at every size, not only the largest")
