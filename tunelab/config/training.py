@@ -183,7 +183,7 @@ class TrainConfig(Section):
     loss_chunk_tokens: int | None = Field(None, ge=1)
     # Host memory back to the OS as soon as it is freed (train/host_memory.py: glibc's mmap threshold fixed at
     # 1 MiB for the process): resident memory follows the live tensors instead of the heap's high-water mark,
-    # for ~25% fewer tokens/s on CPU. For a CPU run that must fit in RAM; the numbers are the same.
+    # for 12-30% fewer tokens/s on CPU (measured at 200M). For a CPU run that must fit in RAM; same numbers.
     release_freed_memory: bool = False
     seed: int = 0
     log_every: int = Field(10, ge=1)
