@@ -208,12 +208,11 @@ def test_release_freed_memory_is_set_once_before_the_model_loads_and_says_where_
     import tunelab.stages.setup as stage_setup
     import tunelab.train.host_memory as host_memory
 
-    events = []
+    events, glibc = [], [True]
     load = stage_setup.initial_model
     monkeypatch.setattr(stage_setup, "initial_model", lambda *a, **k: events.append("model") or load(*a, **k))
     # A spy, not the real call: glibc's setting would stay with this test process for good.
     monkeypatch.setattr(host_memory, "release_freed_memory", lambda: events.append("release") or glibc[0])
-    glibc = [True]
     run_stage(recipe(corpus, max_steps=2, checkpoint_every=0, release_freed_memory=True), out=tmp_path / "on")
     assert events == ["release", "model"]
     assert "the C library is not glibc" not in capsys.readouterr().out

@@ -187,7 +187,7 @@ def test_evaluation_with_chunks_gives_the_same_loss_and_bytes():
 # ---------------------------------------------------------------- preference methods: each reply's log-probability
 
 
-def pairs_batch(dtype=torch.long) -> dict[str, torch.Tensor]:
+def pairs_batch() -> dict[str, torch.Tensor]:
     """2 pairs: rows 0-1 the chosen replies, rows 2-3 the rejected ones, each after a prompt (loss_mask 0)."""
     generator = torch.Generator().manual_seed(2)
     ids = torch.randint(0, VOCAB, (4, 13), generator=generator)
@@ -204,20 +204,21 @@ def test_reply_log_probs_and_their_gradients_equal_the_whole_logits_ones(dtype, 
     model, batch = tiny_llama(tied=True).to(dtype), pairs_batch()
     ids, mask = batch["input_ids"], batch["loss_mask"]
 
-    def summed(fn):
+    def logps_counts_and_grads(fn):  # the gradient of a weighted sum: each row's log-prob counts on its own
+        model.zero_grad()
         logps, counts = fn()
-        return (logps * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=logps.dtype)).sum(), logps.detach(), counts
+        (logps * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=logps.dtype)).sum().backward()
+        return logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    whole = loss_and_grads(model, lambda: summed(lambda: sequence_logps(model(input_ids=ids).logits, ids, mask))[0])
-    expected_logps, expected_counts = summed(lambda: sequence_logps(model(input_ids=ids).logits, ids, mask))[1:]
-    chunked = loss_and_grads(model, lambda: summed(lambda: chunked_sequence_logps(model, ids, mask, chunk))[0])
-    got_logps, got_counts = summed(lambda: chunked_sequence_logps(model, ids, mask, chunk))[1:]
+    expected_logps, expected_counts, expected_grads = logps_counts_and_grads(
+        lambda: sequence_logps(model(input_ids=ids).logits, ids, mask))
+    got_logps, got_counts, got_grads = logps_counts_and_grads(lambda: chunked_sequence_logps(model, ids, mask, chunk))
     assert got_logps.dtype == expected_logps.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(got_logps, expected_logps, rtol=1e-6, atol=1e-5)
     assert got_counts.tolist() == expected_counts.tolist() == [10, 8, 10, 4]
-    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-5)
-    for name in whole[1]:
-        torch.testing.assert_close(chunked[1][name], whole[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    assert got_grads.keys() == expected_grads.keys()
+    for name in expected_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
     torch.testing.assert_close(pair_logps(model, batch, chunk)[0], pair_logps(model, batch)[0], rtol=1e-6, atol=1e-5)
 
 
