@@ -81,7 +81,6 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     explicit_fraction = eval_fraction
     eval_fraction = eval_fraction or run_data.get("eval_fraction", defaults.eval_fraction)
     packing = run_data.get("packing", defaults.packing)
-    mlm_probability = recipe.get("train", {}).get("mlm_probability", TrainConfig().mlm_probability)
 
     model, tokenizer = loaded or load(model_dir, base)
     seq_len = min(seq_len, models.max_positions(model) or seq_len)
@@ -90,12 +89,12 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     eos = models.eos_id(tokenizer)
     objective = "mlm" if models.is_encoder(model) else "clm"
     label_fn = None
-    if objective == "mlm":
-        from tunelab.train.objectives import fixed_mlm_labeler, word_table
+    if objective == "mlm":  # masked as the run trained: its mask probability and whole-word setting
+        from tunelab.objectives import create_objective, recorded_objective
+        from tunelab.train.objectives import fixed_mlm_labeler
 
-        whole_words = bool(recipe.get("train", {}).get("whole_word_masking", False))  # mask as the run trained
-        label_fn = fixed_mlm_labeler(tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids),
-                                     mlm_probability, word_table=word_table(tokenizer) if whole_words else None)
+        name, options = recorded_objective(recipe)
+        label_fn = fixed_mlm_labeler(**create_objective("mlm", options if name == "mlm" else {}).masking(tokenizer))
     byte_lengths = token_byte_lengths(tokenizer)
     cache = resolve_cache_dir()
     seen = trained_sources(model_dir) if trained is None else trained

@@ -293,12 +293,13 @@ def _complete_mlm_head(model, missing: set[str], shown: str, field: str, log) ->
     log(f"{shown} has no MLM head: initialised one tied to the input embeddings")
 
 
-def check_objective(model, objective: str) -> None:
-    """An encoder trained on next-token labels would learn to copy its input: refuse it."""
-    if is_encoder(model) and objective != "mlm":
-        raise ModelError(f"{model.config.model_type} is a masked-LM encoder: set train.objective=mlm")
-    if not is_encoder(model) and objective == "mlm":
-        raise ModelError(f"{model.config.model_type} is a causal decoder: set train.objective=clm")
+def check_objective(model, objective) -> None:
+    """An encoder trained on next-token labels would learn to copy its input: refuse it (and the converse)."""
+    if is_encoder(model) and objective.model_kind != "encoder":
+        raise ModelError(f"{model.config.model_type} is a masked-LM encoder: set objective.name: mlm "
+                         f"(not {objective.name})")
+    if not is_encoder(model) and objective.model_kind == "encoder":
+        raise ModelError(f"{model.config.model_type} is a causal decoder: set objective.name: clm (or unset it)")
 
 
 def unwrapped(model):

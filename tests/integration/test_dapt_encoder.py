@@ -19,6 +19,7 @@ from conftest import run_cli
 from tunelab import models
 from tunelab.config import validate_recipe
 from tunelab.errors import ModelError
+from tunelab.objectives import objective_class
 from tunelab.runs import read_metrics
 from tunelab.stages import run_stage
 
@@ -156,9 +157,9 @@ def test_package_model_loads_offline_with_identical_encoder_weights():
     models.check_pair(model, tok, 512)
     with pytest.raises(ModelError, match="512 positions"):
         models.check_pair(model, tok, 513)
-    models.check_objective(model, "mlm")
-    with pytest.raises(ModelError, match="train.objective=mlm"):
-        models.check_objective(model, "clm")
+    models.check_objective(model, objective_class("mlm"))
+    with pytest.raises(ModelError, match="set objective.name: mlm"):
+        models.check_objective(model, objective_class("clm"))
 
 
 def test_package_model_loads_without_any_network_call():
@@ -196,7 +197,8 @@ def test_dapt_minilm_on_code_lowers_the_mlm_loss(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{PACKAGE} {HEAD_LINE}" in result.stdout
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["train"]["whole_word_masking"] is True and config["train"]["precision"] == "fp32"
+    assert config["objective"] == {"name": "mlm", "options": {"mlm_probability": 0.15, "whole_word_masking": True}}
+    assert config["train"]["precision"] == "fp32"
 
     events = read_metrics(out / "metrics.jsonl")
     losses = [e["loss"] for e in events if e["event"] == "train"]
@@ -226,14 +228,16 @@ def test_whole_word_masking_reaches_training_and_tunelab_eval(tmp_path, corpus_d
     recipe = {"name": "wwm", "model": {"preset": "bert-tiny"},
               "tokenizer": {"vocab_size": 512, "train_bytes": 200_000},
               "data": {"train": str(corpus_dir), "seq_len": 32},
-              "train": {"objective": "mlm", "whole_word_masking": True, "mlm_probability": 0.3, "max_steps": 3,
-                        "micro_batch_size": 4, "eval_max_tokens": 256, "checkpoint_every": 0, "precision": "fp32"}}
+              "objective": {"options": {"whole_word_masking": True, "mlm_probability": 0.3}},  # name unset: mlm
+              "train": {"max_steps": 3, "micro_batch_size": 4, "eval_max_tokens": 256, "checkpoint_every": 0,
+                        "precision": "fp32"}}
     run = run_stage(validate_recipe(recipe, "wwm"), out=tmp_path / "wwm", quiet=True)
     logged = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "eval"][-1]
     score = lambda: evaluate_model(str(run / "final"), [str(corpus_dir)], seq_len=32, max_tokens=256,  # noqa: E731
                                    log=lambda *a: None)["corpus"]
     assert score()["loss"] == pytest.approx(logged["loss"], rel=1e-5)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    config["train"]["whole_word_masking"] = False
+    assert config["objective"]["name"] == "mlm"  # decided from the encoder, written out
+    config["objective"]["options"]["whole_word_masking"] = False
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     assert score()["loss"] != pytest.approx(logged["loss"], rel=1e-5)

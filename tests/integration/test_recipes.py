@@ -9,7 +9,7 @@ import yaml
 
 from conftest import pairs_file, run_cli
 from tunelab.config import RECIPES_DIR
-from tunelab.methods import PREFERENCE_METHODS
+from tunelab.objectives import objective_class
 from tunelab.runs import read_metrics
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
@@ -45,9 +45,9 @@ def test_shipped_recipe_at_toy_scale(tmp_path, corpus_dir, recipe, request):
     if shipped.get("train", {}).get("schedule", {}).get("name") == "infinite":  # its phases must fit in 3 steps
         extra += ["--set", "train.schedule.warmup_steps=1", "--set", "train.schedule.cooldown_steps=1"]
     # The overrides every training recipe must accept: max_steps, seed, checkpoint_every, log_every, data.train
-    # (a preference method's: pairs made from the same corpus).
+    # (a preference objective's: pairs made from the same corpus).
     train = corpus_dir
-    if shipped.get("method", {}).get("name") in PREFERENCE_METHODS:
+    if objective_class(shipped.get("objective", {}).get("name") or "clm").data_format == "preference":
         train = f"[{{source: {pairs_file(corpus_dir)}, format: preference}}]"
     result = run_cli(kind, recipe, "--out", str(tmp_path / "run"), "--quiet", *TOY, *extra,
                      "--set", "train.seed=1", "--set", "train.checkpoint_every=2", "--set", "train.log_every=1",

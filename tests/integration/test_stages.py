@@ -16,12 +16,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import tunelab.methods
+import tunelab.objectives
 from conftest import make_document, run_and_sigkill, run_cli, write_corpus
 from tunelab import models
 from tunelab.config import validate_recipe
 from tunelab.errors import RunDirError, TunelabError
-from tunelab.methods.base import Method, lm_loss
+from tunelab.methods.base import lm_loss
+from tunelab.objectives.base import Objective
 from tunelab.runs import read_metrics, train_losses
 from tunelab.stages import run_stage
 from tunelab.train import checkpoint as ckpt
@@ -83,19 +84,21 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def micro_batch_counts(cfg) -> list[int]:
     """Target counts of step 0's micro-batches, from the same set-up the stage uses."""
+    from tunelab.objectives import create_objective
     from tunelab.stages import setup, training_data
     from tunelab.train.dist import Dist
 
     cache = setup.resolve_cache_dir(cfg.data.cache_dir)
     tok = setup.resolve_tokenizer(cfg, cache, log=lambda *a: None)
     data = training_data.build_data(cfg, tok, cache, log=lambda *a: None)
-    return [count for _, count in training_data.packed_batches(cfg, data, tok, Dist()).next(0)]
+    objective = create_objective(cfg.objective.name, cfg.objective.options)
+    return [count for _, count in training_data.packed_batches(cfg, data, tok, Dist(), objective).next(0)]
 
 
 @pytest.mark.parametrize("case", ["clm-loss-mask", "mlm"])
 def test_grad_accumulation_equals_one_big_batch(tmp_path, corpus, masked_jsonl, case):
     if case == "mlm":
-        base = with_(recipe_dict(corpus, objective="mlm", max_steps=5, checkpoint_every=0),
+        base = with_(recipe_dict(corpus, max_steps=5, checkpoint_every=0), objective={"name": "mlm"},
                      model={"preset": "bert-tiny", "overrides": {"hidden_dropout_prob": 0.0,
                                                                   "attention_probs_dropout_prob": 0.0}})
     else:
@@ -229,14 +232,13 @@ def test_release_freed_memory_is_set_once_before_the_model_loads_and_says_where_
 # ---------------------------------------------------------------- non-finite runs
 
 
-class NaNAtStep3(Method):
+class NaNAtStep3(Objective):
     """Loss turns NaN on the third optimizer step (accum 1: the third loss call)."""
     name = "test-nan-at-3"
     calls = 0
 
     def prepare(self, model, ctx):
         NaNAtStep3.calls = 0
-        return model
 
     def loss(self, model, batch):
         NaNAtStep3.calls += 1
@@ -245,10 +247,10 @@ class NaNAtStep3(Method):
 
 
 @pytest.fixture
-def nan_method():
-    tunelab.methods.METHODS[NaNAtStep3.name] = f"{__name__}:NaNAtStep3"
+def nan_objective():
+    tunelab.objectives.OBJECTIVES[NaNAtStep3.name] = f"{__name__}:NaNAtStep3"
     yield NaNAtStep3.name
-    tunelab.methods.METHODS.pop(NaNAtStep3.name, None)
+    tunelab.objectives.OBJECTIVES.pop(NaNAtStep3.name, None)
 
 
 def _assert_stopped_cleanly(run: Path, err, last_good: int) -> None:
@@ -266,11 +268,11 @@ def _assert_stopped_cleanly(run: Path, err, last_good: int) -> None:
     assert all(math.isfinite(v) for v in losses.values()) and max(losses, default=0) <= last_good
 
 
-def test_nan_loss_stops_the_run_and_keeps_only_finite_checkpoints(tmp_path, corpus, nan_method):
+def test_nan_loss_stops_the_run_and_keeps_only_finite_checkpoints(tmp_path, corpus, nan_objective):
     # The NaN comes at step 3, between checkpoints (every 2) and log lines (every 10): the check at
     # the step-4 checkpoint must still see it.
     cfg = validate_recipe({**recipe_dict(corpus, log_every=10, checkpoint_every=2, max_steps=8),
-                           "method": {"name": nan_method}}, "nan")
+                           "objective": {"name": nan_objective}}, "nan")
     with pytest.raises(TunelabError) as err:
         run_stage(cfg, out=tmp_path / "run", quiet=True)
     assert "step 4" in str(err.value)
@@ -377,9 +379,8 @@ def test_tunelab_eval_reproduces_training_eval_for_mlm_and_masked_sources(tmp_pa
     probability with masks keyed on each window (not the batch), and loss masks from the cache."""
     from tunelab.evaluate import evaluate_model
 
-    mlm = recipe_dict(corpus, objective="mlm", mlm_probability=0.3, max_steps=3, micro_batch_size=3,
-                      eval_max_tokens=6 * SEQ, checkpoint_every=0)
-    mlm["model"] = {"preset": "bert-tiny"}
+    mlm = recipe_dict(corpus, max_steps=3, micro_batch_size=3, eval_max_tokens=6 * SEQ, checkpoint_every=0)
+    mlm["model"], mlm["objective"] = {"preset": "bert-tiny"}, {"options": {"mlm_probability": 0.3}}
     clm = recipe_dict(masked_jsonl, max_steps=3, eval_max_tokens=6 * SEQ, checkpoint_every=0)
     for name, data in (("mlm", mlm), ("masked", clm)):
         run = run_stage(validate_recipe(data, name), out=tmp_path / name, quiet=True)

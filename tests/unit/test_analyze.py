@@ -270,6 +270,7 @@ def test_a_run_reports_what_it_recorded(pair, tmp_path):
 def test_cli_on_a_lora_adapter(pair, monkeypatch, capsys):
     """An adapter trained a few steps by the lora method and saved as the finetune stage saves it."""
     from tunelab.methods import create_method
+    from tunelab.methods.base import lm_loss
     from tunelab.methods.base import MethodContext
 
     base_model = models.load_model(str(pair.base))
@@ -282,7 +283,7 @@ def test_cli_on_a_lora_adapter(pair, monkeypatch, capsys):
     ids = torch.tensor(pair.tokenizer(" ".join(_WORDS * 12))["input_ids"][:128]).reshape(4, 32)
     optimizer = torch.optim.AdamW([p for _, p in method.trainable_params(model)], lr=1e-2)
     for _ in range(4):
-        method.loss(model, {"input_ids": ids, "labels": ids}).backward()
+        lm_loss(model, {"input_ids": ids, "labels": ids}).backward()
         optimizer.step()
         optimizer.zero_grad()
     adapter = pair.root / "lora-final"

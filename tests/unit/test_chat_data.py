@@ -184,8 +184,7 @@ def test_chat_sources_read_tables_only_and_are_for_causal_lms(tmp_path):
     with pytest.raises(ValueError, match="builtin:instruct holds chat examples"):
         SourceSpec(source="builtin:instruct", format="text")
     with pytest.raises(Exception, match="is a chat source"):
-        validate_recipe({"data": {"train": "builtin:instruct"}, "train": {"objective": "mlm"},
-                         "model": {"preset": "bert-tiny"}}, "r")
+        validate_recipe({"data": {"train": "builtin:instruct"}, "model": {"preset": "bert-tiny"}}, "r")
 
 
 # ---------------------------------------------------------------- rows: packing and truncation

@@ -12,6 +12,7 @@ from tunelab.config import load_recipe
 from tunelab.errors import ConfigError, ModelError
 from tunelab.eval.preference import pair_logps, sequence_logps
 from tunelab.methods import create_method
+from tunelab.objectives import create_objective
 from tunelab.train.chunked_loss import check_reproduces_model_loss, chunked_lm_loss, chunked_sequence_logps
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -151,10 +152,10 @@ def write(tmp_path, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"train__loss_chunk_tokens": 0}, "train.loss_chunk_tokens"),
-    ({"model__preset": "bert-tiny", "train__objective": "mlm"}, "only for train.objective: clm"),
-    ({"method__name": "dpo", "data__train": [{"source": "builtin:preference", "format": "preference"}],
-      "method__options": {"tuning": {"name": "adalora"}}},
-     "train.loss_chunk_tokens: not with method dpo: peft adds AdaLoRA's orthogonality penalty"),
+    ({"model__preset": "bert-tiny"}, "not with objective mlm: the masked-LM loss is the model's own"),
+    ({"objective__name": "dpo", "data__train": [{"source": "builtin:preference", "format": "preference"}],
+      "method__name": "adalora"},
+     "train.loss_chunk_tokens: not with method adalora: peft adds AdaLoRA's orthogonality penalty"),
     ({"method__name": "adalora"}, "not with method adalora: peft adds AdaLoRA's orthogonality penalty"),
 ])
 def test_recipes_it_cannot_serve_are_refused_when_they_load(tmp_path, changes, message):
@@ -225,7 +226,7 @@ def test_reply_log_probs_and_their_gradients_equal_the_whole_logits_ones(dtype, 
 @pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
 def test_preference_losses_are_the_same_with_chunks_and_the_head_sees_a_chunk_at_most(name):
     model, batch = tiny_llama(), pairs_batch()
-    method = create_method(name, {})
+    method = create_objective(name, {})
     if name == "dpo":  # the cached-reference path: [pair id, (chosen, rejected)] from the starting weights
         method.reference = pair_logps(model, batch)[0] - 0.25
     whole = loss_and_grads(model, lambda: method.loss(model, batch))
@@ -242,8 +243,8 @@ def test_preference_losses_are_the_same_with_chunks_and_the_head_sees_a_chunk_at
         torch.testing.assert_close(chunked[1][param], whole[1][param], rtol=1e-5, atol=1e-7, msg=param)
 
 
-def test_preference_methods_may_chunk(tmp_path):
+def test_preference_objectives_may_chunk(tmp_path):
     data = [{"source": "builtin:preference", "format": "preference"}]
     for name in ("dpo", "simpo", "orpo"):
-        cfg = load_recipe(write(tmp_path, method__name=name, data__train=data))
+        cfg = load_recipe(write(tmp_path, objective__name=name, data__train=data))
         assert cfg.train.loss_chunk_tokens == 64

@@ -46,9 +46,12 @@ def test_defaults_resolve_from_an_empty_recipe(tmp_path):
     assert cfg.train.max_steps == 100 and cfg.train.lr == 1e-3
     assert cfg.train.schedule.name == "cosine"
     assert cfg.method.name == "full" and cfg.method.options == {}
-    # Same thing without a file: through the kind union, and through the pretrain class directly.
+    assert cfg.objective.name == "clm"  # decided from the starting model (llama-tiny) and written out
+    # Same thing without a file: through the kind union, and through the pretrain class directly (the schema
+    # alone leaves the objective to the second check, which knows the models).
     assert validate_recipe({}, "x") == cfg
-    assert validate({}, "x", PretrainRecipe) == cfg
+    schema_only = validate({}, "x", PretrainRecipe)
+    assert schema_only.objective.name is None and schema_only.model_copy(update={"objective": cfg.objective}) == cfg
     assert type(cfg) is PretrainRecipe
 
 

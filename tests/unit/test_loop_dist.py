@@ -34,7 +34,7 @@ def test_collectives_get_device_tensors(tmp_path, monkeypatch, objective, preset
     corpus = write_corpus(tmp_path / "corpus", n_docs=24)
     recipe = {"name": "t", "model": {"preset": preset}, "tokenizer": {"vocab_size": 384, "train_bytes": 100_000},
               "data": {"train": str(corpus), "seq_len": 32},
-              "train": {"objective": objective, "max_steps": 3, "micro_batch_size": 2, "grad_accum": 2,
+              "objective": {"name": objective}, "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2,
                         "precision": "fp32", "log_every": 1, "eval_max_tokens": 64}}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -17,7 +17,7 @@ from tunelab import models
 from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.export import export_model, file_sha256
 from tunelab.methods import create_method
-from tunelab.methods.base import MethodContext
+from tunelab.methods.base import MethodContext, lm_loss
 
 _WORDS = "the model data token train loss step layer weight value cache file text domain batch".split()
 # peft 0.21 reads a property transformers 5 deprecated, in PeftModel.from_pretrained called directly below.
@@ -77,7 +77,7 @@ def train(method, model, batch, steps: int = 8, lr: float = 1e-2) -> list[float]
     opt = torch.optim.AdamW([p for _, p in method.trainable_params(model)], lr=lr)
     losses = []
     for _ in range(steps):
-        loss = method.loss(model, batch)
+        loss = lm_loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -53,11 +53,16 @@ COLLECTIVE_TIMEOUT = 180  # seconds: a method whose ranks fall out of step fails
 # "<method>+<option>": the method with a memory option under DDP, against one process without it.
 MEMORY_OPTIONS = {"gc": {"gradient_checkpointing": True}, "chunk": {"loss_chunk_tokens": 7}}
 WITH_MEMORY_OPTION = ["full+gc", "lora+gc", "full+chunk", "lora+chunk"]
+# "<method>@<objective>": the preference objectives (every method above trains with clm). DPO with lora has the
+# adapter-disabled reference, with full the cached one: both are per-process state that must agree.
+WITH_OBJECTIVE = ["lora@dpo", "full@dpo", "full@simpo", "full@orpo"]
 
 
-def recipe(path: Path, corpus: Path, base: Path, method: str, **train) -> Path:
-    method, _, option = method.partition("+")
-    return write_recipe(path, corpus, base, method, **{**TRAIN, **MEMORY_OPTIONS.get(option, {}), **train})
+def recipe(path: Path, corpus: Path, base: Path, case: str, **train) -> Path:
+    case, _, option = case.partition("+")
+    method, _, objective = case.partition("@")
+    return write_recipe(path, corpus, base, method, objective or "clm",
+                        **{**TRAIN, **MEMORY_OPTIONS.get(option, {}), **train})
 
 
 class DDPRuns:
@@ -146,7 +151,7 @@ def one_process(tmp_path: Path, corpus: Path, base: Path, method: str, name: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHOD_NAMES + WITH_MEMORY_OPTION)
+@pytest.mark.parametrize("method", METHOD_NAMES + WITH_MEMORY_OPTION + WITH_OBJECTIVE)
 def test_method_under_two_processes_matches_one(tmp_path, corpus, base_dir, ddp_runs, method):
     import torch
 

@@ -27,6 +27,7 @@ from tunelab.config import load_recipe
 from tunelab.errors import ConfigError, ModelError
 from tunelab.methods import create_method
 from tunelab.methods.base import MethodContext
+from tunelab.objectives import create_objective
 from tunelab.runs import train_losses
 from tunelab.stages import run_stage
 
@@ -62,9 +63,9 @@ def base_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 def context(tokenizer, seed=0, weight_decay=0.0, log=lambda *a: None) -> MethodContext:
-    train = SimpleNamespace(objective="clm", weight_decay=weight_decay, precision="fp32")
+    train = SimpleNamespace(weight_decay=weight_decay, precision="fp32")
     return MethodContext(device=torch.device("cpu"), dist=None, recipe=SimpleNamespace(train=train),
-                         tokenizer=tokenizer, max_steps=10, seed=seed, log=log)
+                         tokenizer=tokenizer, max_steps=10, seed=seed, log=log, objective=create_objective("clm", {}))
 
 
 def recipe(tmp_path: Path, corpus: Path, base: Path, method: str, options: dict, **train) -> Path:

@@ -408,12 +408,14 @@ def test_objective_must_fit_the_architecture(tokenizer):
     from tunelab.models import build_model, check_objective
 
     bert, llama = build_model("bert-tiny", tokenizer), build_model("llama-micro", tokenizer)
-    check_objective(bert, "mlm")
-    check_objective(llama, "clm")
-    with pytest.raises(ModelError, match="train.objective=mlm"):
-        check_objective(bert, "clm")
-    with pytest.raises(ModelError, match="train.objective=clm"):
-        check_objective(llama, "mlm")
+    from tunelab.objectives import objective_class
+
+    check_objective(bert, objective_class("mlm"))
+    check_objective(llama, objective_class("clm"))
+    with pytest.raises(ModelError, match="bert is a masked-LM encoder: set objective.name: mlm"):
+        check_objective(bert, objective_class("dpo"))
+    with pytest.raises(ModelError, match="llama is a causal decoder: set objective.name: clm"):
+        check_objective(llama, objective_class("mlm"))
 
 
 def test_gradient_checkpointing_on_a_model_without_it_is_a_one_line_error():

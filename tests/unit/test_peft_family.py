@@ -21,6 +21,7 @@ from tunelab import models
 from tunelab.errors import ConfigError, ModelError
 from tunelab.export import export_model
 from tunelab.methods import create_method
+from tunelab.methods.base import lm_loss
 from tunelab.methods.base import MethodContext
 from tunelab.methods.peft_generic import OTHER_PEFT_TYPES
 
@@ -94,7 +95,7 @@ def train(method, model, batch, steps: int, opt=None, start: int = 0, lr: float 
     model.train()
     opt = opt or torch.optim.AdamW([p for _, p in method.trainable_params(model)], lr=lr)
     for step in range(start, start + steps):
-        method.loss(model, batch).backward()
+        lm_loss(model, batch).backward()
         method.after_backward(model, step)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ from tunelab.data.rows import PairSet, collate_pairs
 from tunelab.errors import ConfigError, DataError
 from tunelab.eval.preference import pair_logps
 from tunelab.methods import create_method
+from tunelab.objectives import create_objective
 from tunelab.runs import train_losses
 from tunelab.stages import run_stage
 
@@ -187,10 +188,10 @@ def log_sigmoid(x):
 
 
 def method_loss(name, options, model, batch, reference=None):
-    method = create_method(name, options)
+    objective = create_objective(name, options)
     if reference is not None:
-        method.reference = reference
-    return float(method.loss(model, batch).detach()), method
+        objective.reference = reference
+    return float(objective.loss(model, batch).detach()), objective
 
 
 def test_dpo_loss_equals_a_hand_computation():
@@ -237,11 +238,13 @@ def test_the_lora_reference_is_the_base_models_log_probs():
     base = tiny_model(0).float()
     frozen = copy.deepcopy(base)
     pairs, batch = pair_batch()
-    method = create_method("dpo", {"tuning": {"name": "lora", "options": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}})
+    lora = create_method("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    method = create_objective("dpo", {})
     recipe = SimpleNamespace(model=SimpleNamespace(path="base"), data=SimpleNamespace(seq_len=32))
     ctx = SimpleNamespace(device=torch.device("cpu"), dist=None, recipe=recipe, tokenizer=None, max_steps=1, seed=0,
-                          run_path=None, log=lambda *a: None, base_sha256=None, model_dir=None)
-    model = method.prepare(base, ctx)
+                          run_path=None, log=lambda *a: None, base_sha256=None, model_dir=None, objective=method)
+    model = lora.prepare(base, ctx)
+    method.prepare(model, ctx)
     assert method.adapter_reference
     with torch.no_grad():  # an adapter that changes the outputs, as after some training
         for name, p in model.named_parameters():
@@ -275,7 +278,7 @@ def dpo_recipe(tmp_path, base, pairs, **train):
     path.write_text(json.dumps({
         "kind": "finetune", "name": "dpo-full", "model": {"path": str(base)},
         "data": {"train": [{"source": str(pairs), "format": "preference"}], "seq_len": 32, "eval_fraction": 0.2},
-        "method": {"name": "dpo", "options": {"beta": 0.5}},  # tuning full: the cached reference
+        "objective": {"name": "dpo", "options": {"beta": 0.5}},  # method full: the cached reference
         "train": {"max_steps": 12, "micro_batch_size": 4, "lr": 3e-3, "log_every": 1, "eval_every": 6,
                   "checkpoint_every": 4, "precision": "fp32", "schedule": {"name": "cosine", "warmup_steps": 2},
                   **train}}))
@@ -302,22 +305,39 @@ def test_resume_mid_dpo_is_exact(tmp_path):
     assert held[-1]["logp_margin"] > held[0]["logp_margin"]  # it learned to prefer the chosen replies
 
 
-def test_preference_data_and_methods_must_meet(tmp_path):
+def test_preference_data_and_objectives_must_meet(tmp_path):
     pairs = {"source": "pairs.jsonl", "format": "preference"}
-    with pytest.raises(ConfigError, match="method dpo trains on preference pairs: data.train needs"):
-        validate_recipe({"data": {"train": "builtin:prose"}, "method": {"name": "dpo"}}, "r.yaml")
-    with pytest.raises(ConfigError, match="holds preference pairs: train them with method dpo | simpo | orpo"):
+    dpo = {"name": "dpo"}
+    with pytest.raises(ConfigError, match="objective dpo trains on preference pairs: data.train needs"):
+        validate_recipe({"data": {"train": "builtin:prose"}, "objective": dpo}, "r.yaml")
+    with pytest.raises(ConfigError, match="holds preference pairs: train them with objective dpo | simpo | orpo"):
         validate_recipe({"data": {"train": [pairs]}, "method": {"name": "lora"}}, "r.yaml")
     with pytest.raises(ConfigError, match="cannot be mixed with text or chat sources"):
-        validate_recipe({"data": {"train": [pairs, "builtin:prose"]}, "method": {"name": "dpo"}}, "r.yaml")
-    with pytest.raises(ConfigError, match="tuning: mezo cannot choose the weights.*no backward"):
-        validate_recipe({"data": {"train": [pairs]}, "method": {"name": "dpo", "options": {"tuning": {"name": "mezo"}}}},
-                        "r.yaml")
-    with pytest.raises(ConfigError, match="tuning: options.r"):
-        validate_recipe({"data": {"train": [pairs]},
-                         "method": {"name": "orpo", "options": {"tuning": {"name": "lora", "options": {"r": 0}}}}}, "r")
-    with pytest.raises(ConfigError, match="beta"):
-        validate_recipe({"data": {"train": [pairs]}, "method": {"name": "dpo", "options": {"beta": -1}}}, "r.yaml")
+        validate_recipe({"data": {"train": [pairs, "builtin:prose"]}, "objective": dpo}, "r.yaml")
+    with pytest.raises(ConfigError, match="^r.yaml: objective.name: method mezo with objective dpo cannot work: "
+                                          "mezo has no backward pass"):
+        validate_recipe({"data": {"train": [pairs]}, "objective": dpo, "method": {"name": "mezo"}}, "r.yaml")
+    with pytest.raises(ConfigError, match="method.options: r: Input should be greater"):
+        validate_recipe({"data": {"train": [pairs]}, "objective": {"name": "orpo"},
+                         "method": {"name": "lora", "options": {"r": 0}}}, "r")
+    with pytest.raises(ConfigError, match="objective.options: beta: Input should be greater"):
+        validate_recipe({"data": {"train": [pairs]}, "objective": {"name": "dpo", "options": {"beta": -1}}}, "r.yaml")
     assert SourceSpec(source="builtin:preference").format == "preference"
-    cfg = validate_recipe({"data": {"train": "builtin:preference"}, "method": {"name": "simpo"}}, "r.yaml")
-    assert cfg.method.name == "simpo"
+    cfg = validate_recipe({"data": {"train": "builtin:preference"}, "objective": {"name": "simpo"}}, "r.yaml")
+    assert (cfg.method.name, cfg.objective.name) == ("full", "simpo")
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ({"method": {"name": "dpo", "options": {"beta": 0.2, "tuning": {"name": "lora", "options": {"r": 4}}}}},
+     "method.name: dpo is an objective now: write objective: {name: dpo, options: {beta: 0.2}} and method: "
+     "{name: lora, options: {r: 4}}"),
+    ({"method": {"name": "simpo"}}, "write objective: {name: simpo} and method: {name: full}"),
+    ({"train": {"objective": "mlm", "mlm_probability": 0.3}},
+     "train.objective, train.mlm_probability: moved to their own section: write objective: "
+     "{name: mlm, options: {mlm_probability: 0.3}}"),
+])
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_a_recipe_in_the_old_spelling_gets_its_new_spelling_in_one_line(old, new, kind):
+    with pytest.raises(ConfigError) as err:
+        validate_recipe({"model": {"path": "m"}, "data": {"train": "builtin:preference"}, **old}, "r.yaml", kind)
+    assert new in str(err.value) and "\n" not in str(err.value)

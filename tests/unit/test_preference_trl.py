@@ -40,7 +40,7 @@ datasets = pytest.importorskip("datasets", reason="trl's trainers need the datas
 
 from tunelab.data.rows import collate_pairs  # noqa: E402
 from tunelab.eval.preference import pair_logps, sequence_logps  # noqa: E402
-from tunelab.methods.preference import DPO, ORPO, SimPO  # noqa: E402
+from tunelab.objectives.preference import DPO, ORPO, SimPO  # noqa: E402
 
 # transformers 5 deprecations hit inside TRL's own code (is_gradient_checkpointing): not this test's business
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -1,9 +1,10 @@
 """Method protocol v2 (tunelab/methods/base.py) through the real stage (tunelab.stages.run_stage).
 
 Test-only methods below exercise one hook each: a trainable set that changes (select_trainable),
-an aux model (a teacher), tensor state (a gradient mask), a zeroth-order update (train_step), and
-adapter-only checkpoints (weights_to_save). They are registered in tunelab.methods.METHODS by a
-fixture as "<this module>:<Class>", the way a real method joins: the registry imports them.
+tensor state (a gradient mask), a zeroth-order update (train_step), and adapter-only checkpoints
+(weights_to_save); a test-only objective brings an aux model (a teacher). They are registered in
+tunelab.methods.METHODS / tunelab.objectives.OBJECTIVES by a fixture as "<this module>:<Class>", the
+way a real one joins: the registry imports them.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file
 
 import tunelab.methods
+import tunelab.objectives
 from conftest import write_corpus
 from tunelab import models
 from tunelab.config import validate_recipe
 from tunelab.errors import RunDirError
 from tunelab.methods.base import AuxModel, Method, lm_loss
+from tunelab.objectives.base import Objective
 from tunelab.runs import read_metrics, train_losses
 from tunelab.stages import run_stage
 
@@ -65,8 +68,9 @@ class HalfLayers(Method):
         return True
 
 
-class Distill(Method):
-    """Loss = LM loss + KL(teacher || student); the teacher is a frozen, perturbed copy of the start."""
+class Distill(Objective):
+    """An objective with an aux model: loss = LM loss + KL(teacher || student); the teacher is a frozen,
+    perturbed copy of the start."""
     name = "test-distill"
     noise_seed = 0  # changing it (outside the recipe) changes the teacher: a resume must refuse it
     last = None
@@ -81,7 +85,6 @@ class Distill(Method):
                                 sha256=models.weights_sha256(teacher))
         self.seen = []  # (teacher in train mode?, any teacher param requiring grad?) per loss call
         Distill.last = self
-        return model
 
     def aux_models(self):
         return {"teacher": self.teacher}
@@ -194,17 +197,19 @@ class WithOptions(Method):
         strength: float = 1.0
 
 
-TEST_METHODS = {cls.name: cls for cls in (HalfLayers, Distill, MaskedGrads, MeZO, NormAdapter, WithOptions)}
+TEST_METHODS = {cls.name: cls for cls in (HalfLayers, MaskedGrads, MeZO, NormAdapter, WithOptions)}
+TEST_OBJECTIVES = {cls.name: cls for cls in (Distill,)}
 
 
 @pytest.fixture(autouse=True)
 def registered():
-    """Each test-only method joins the registry by one "module:Class" line, as a real one does."""
-    added = {name: f"{__name__}:{cls.__name__}" for name, cls in TEST_METHODS.items()}
-    tunelab.methods.METHODS.update(added)
+    """Each test-only method or objective joins its registry by one "module:Class" line, as a real one does."""
+    for table, classes in ((tunelab.methods.METHODS, TEST_METHODS), (tunelab.objectives.OBJECTIVES, TEST_OBJECTIVES)):
+        table.update({name: f"{__name__}:{cls.__name__}" for name, cls in classes.items()})
     yield
-    for name in added:
-        tunelab.methods.METHODS.pop(name, None)
+    for table, classes in ((tunelab.methods.METHODS, TEST_METHODS), (tunelab.objectives.OBJECTIVES, TEST_OBJECTIVES)):
+        for name in classes:
+            table.pop(name, None)
 
 
 # ---------------------------------------------------------------- runs
@@ -230,7 +235,7 @@ def save_base(path: Path, corpus: Path, seed: int) -> Path:
     return path
 
 
-def recipe(corpus: Path, method: str, model_path: Path | None = None, **train) -> object:
+def recipe(corpus: Path, method: str, model_path: Path | None = None, objective: str = "clm", **train) -> object:
     data = {
         "name": "protocol",
         "model": {"path": str(model_path)} if model_path else {"preset": "llama-micro"},
@@ -240,6 +245,7 @@ def recipe(corpus: Path, method: str, model_path: Path | None = None, **train) -
                   "eval_max_tokens": 256, "checkpoint_every": 4, "keep_checkpoints": 20, "precision": "fp32",
                   "schedule": {"name": "cosine", "warmup_steps": 1}, **train},
         "method": {"name": method},
+        "objective": {"name": objective},
     }
     return validate_recipe(data, "test recipe")
 
@@ -307,7 +313,8 @@ def test_changing_trainable_set_rebuilds_the_optimizer_and_resumes_exactly(tmp_p
 
 def test_aux_teacher_stays_out_of_optimizer_and_checkpoints_and_is_checked_on_resume(tmp_path, corpus):
     Distill.noise_seed = 0
-    run = run_stage(recipe(corpus, "test-distill", max_steps=6, checkpoint_every=3), out=tmp_path / "run", quiet=True)
+    distill = dict(objective="test-distill", max_steps=6, checkpoint_every=3)
+    run = run_stage(recipe(corpus, "full", **distill), out=tmp_path / "run", quiet=True)
     method = Distill.last
     teacher = method.teacher.module
     assert method.seen and all(mode == (False, False) for mode in method.seen)  # eval mode, frozen
@@ -330,14 +337,13 @@ def test_aux_teacher_stays_out_of_optimizer_and_checkpoints_and_is_checked_on_re
 
     # The same teacher resumes exactly; a changed one is refused with a one-line RunDirError.
     resumed = resume_copy(run, tmp_path / "resumed", 3)
-    run_stage(recipe(corpus, "test-distill", max_steps=6, checkpoint_every=3), out=resumed, resume=True, quiet=True)
+    run_stage(recipe(corpus, "full", **distill), out=resumed, resume=True, quiet=True)
     assert_exact_resume(run, resumed, 3, max_steps=6)
     changed = resume_copy(run, tmp_path / "changed", 3)
     Distill.noise_seed = 1
     try:
         with pytest.raises(RunDirError) as err:
-            run_stage(recipe(corpus, "test-distill", max_steps=6, checkpoint_every=3), out=changed, resume=True,
-                      quiet=True)
+            run_stage(recipe(corpus, "full", **distill), out=changed, resume=True, quiet=True)
     finally:
         Distill.noise_seed = 0
     msg = str(err.value)

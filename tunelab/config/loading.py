@@ -167,8 +167,8 @@ def validate_recipe(data: dict, source: str, kind: str | None = None) -> Trainin
 
     `kind` is the stage the user asked for (`tunelab finetune` -> finetune): a recipe without a
     kind takes it; one that names another kind is refused rather than silently reinterpreted.
-    Method options are validated here too (by the method's own Options model), so a typo in
-    them fails before any work. Imports no torch: method modules import it inside their hooks.
+    A training recipe is then checked against its method and objective (training_check.py), so a
+    typo in their options fails before any work.
     """
     data = dict(data)
     named = data.get("kind")
@@ -182,37 +182,9 @@ def validate_recipe(data: dict, source: str, kind: str | None = None) -> Trainin
     cfg = validate(data, source, RECIPE_KINDS[data["kind"]])
     if not isinstance(cfg, TrainingRecipe):  # a model operation (merge): no training method to check
         return cfg
-    from tunelab.methods import method_class  # a registry of names: imports only the one method's module
+    from tunelab.training_check import check_training_recipe  # methods, objectives: outside config
 
-    try:
-        options = method_class(cfg.method.name).Options
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    try:
-        options.model_validate(cfg.method.options)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, f"{source}: method.options", options)) from None
-    method = method_class(cfg.method.name)(cfg.method.options)
-    why = method.gradient_checkpointing_refusal() if cfg.train.gradient_checkpointing else None
-    if why:
-        raise ConfigError(f"{source}: train.gradient_checkpointing: not with method {cfg.method.name}: {why}; "
-                          "set it to false")
-    why = method.chunked_loss_refusal() if cfg.train.loss_chunk_tokens is not None else None
-    if why:
-        raise ConfigError(f"{source}: train.loss_chunk_tokens: not with method {cfg.method.name}: {why}; remove it")
-    # Preference methods train on pairs and every other method on text or chat: say so before any work.
-    wants = getattr(method_class(cfg.method.name), "data_format", "text")
-    pairs = [s.source for s in cfg.data.train if s.format == "preference"]
-    if wants == "preference" and not pairs:
-        raise ConfigError(f"{source}: method {cfg.method.name} trains on preference pairs: data.train needs a source "
-                          "with format: preference (rows with prompt or messages, chosen, rejected; or "
-                          "builtin:preference)")
-    if pairs and wants != "preference":
-        from tunelab.methods import PREFERENCE_METHODS
-
-        raise ConfigError(f"{source}: data.train: {pairs[0]} holds preference pairs: train them with method "
-                          f"{' | '.join(PREFERENCE_METHODS)} (method {cfg.method.name} trains on text and chat data)")
-    return cfg
+    return check_training_recipe(cfg, source)
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, kind: str | None = None) -> TrainingRecipe:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from tunelab.config.base import Section, did_you_mean
@@ -155,9 +156,6 @@ class ScheduleConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["clm", "mlm"] = "clm"
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    whole_word_masking: bool = False  # mlm: mask every token of a chosen word together
     max_steps: int = Field(100, ge=1)
     micro_batch_size: int = Field(8, ge=1)  # sequences per forward pass, per process
     grad_accum: int = Field(1, ge=1)
@@ -197,8 +195,41 @@ class TrainConfig(Section):
 
 
 class MethodConfig(Section):
+    """Which weights train and how they are saved (full, lora, lisa, ...)."""
     name: str = "full"  # a key of methods.METHODS
     options: dict[str, Any] = Field(default_factory=dict)  # method-specific, validated by the method
+
+
+class ObjectiveConfig(Section):
+    """What the loss is: clm, mlm, dpo, simpo, orpo (objectives.OBJECTIVES). Unset: mlm for an encoder, else clm
+    (decided from the starting model when the recipe is checked, so config.yaml always names it)."""
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # objective-specific, validated by the objective
+
+
+# Recipes written before objectives were their own axis get their new spelling in one line.
+_MOVED_TO_OBJECTIVE = ("objective", "mlm_probability", "whole_word_masking")  # train.<key> -> objective
+_OLD_PREFERENCE_METHODS = ("dpo", "simpo", "orpo")  # method.name -> objective.name
+
+
+def _old_spelling(data: Any) -> None:
+    if not isinstance(data, dict):
+        return
+    flow = lambda value: yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()  # noqa: E731
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    moved = [k for k in _MOVED_TO_OBJECTIVE if k in train]
+    if moved:
+        options = {k: train[k] for k in moved if k != "objective"}
+        new = {"name": train.get("objective", "mlm"), **({"options": options} if options else {})}
+        raise ValueError(f"{', '.join('train.' + k for k in moved)}: moved to their own section: write "
+                         f"objective: {flow(new)}")
+    method = data.get("method") if isinstance(data.get("method"), dict) else {}
+    if method.get("name") in _OLD_PREFERENCE_METHODS:
+        options = dict(method.get("options") or {})
+        tuning = options.pop("tuning", None) or {"name": "full"}
+        new = {"name": method["name"], **({"options": options} if options else {})}
+        raise ValueError(f"method.name: {method['name']} is an objective now: write objective: {flow(new)} and "
+                         f"method: {flow(tuning)}")
 
 
 class TrainingRecipe(Section):
@@ -214,14 +245,16 @@ class TrainingRecipe(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_old_spelling(cls, data: Any) -> Any:
+        _old_spelling(data)
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainingRecipe":
-        from tunelab.models import PRESETS  # a table of names and HF config fields: imports no torch
-
-        if self.model.path is None and self.model.preset not in PRESETS:
-            raise ValueError(f"model.preset: unknown preset {self.model.preset!r}"
-                             f"{did_you_mean(self.model.preset, PRESETS)}; known: {', '.join(PRESETS)}")
         eval_names = [s.domain for s in self.data.eval]
         clash = set(eval_names) & {s.domain for s in self.data.train}
         if clash:  # an eval-only source would silently shadow (or be shadowed by) a training domain
@@ -235,16 +268,7 @@ class TrainingRecipe(Section):
             raise ValueError("init_from: set either init_from (a tunelab run or checkpoint) or model.path (a model "
                              "directory), not both")
         replayed = self.data.replay.sources if self.data.replay is not None else []
-        chat = [s for s in self.data.train + self.data.eval + replayed if s.format != "text"]
-        if chat and self.train.objective != "clm":
-            raise ValueError(f"data: {chat[0].source} is a {chat[0].format} source: its loss is on assistant replies, "
-                             "for a causal LM (train.objective: clm)")
         self._check_preference(replayed)
-        if self.train.loss_chunk_tokens is not None and self.train.objective != "clm":
-            raise ValueError("train.loss_chunk_tokens: only for train.objective: clm (the masked-LM loss is the "
-                             "model's own)")
-        if self.train.whole_word_masking and self.train.objective != "mlm":
-            raise ValueError("train.whole_word_masking: only for train.objective: mlm (a causal LM masks nothing)")
         if (self.init_optimizer or self.init_data_state) and self.init_from is None:
             raise ValueError("init_from: init_optimizer / init_data_state carry state from a run: set init_from "
                              "to that run or one of its checkpoints")
@@ -332,6 +356,7 @@ class FinetuneRecipe(TrainingRecipe):
     @classmethod
     def _lora_by_default(cls, data: Any) -> Any:
         # `method.options` given without `method.name` are LoRA's options here, not full's.
+        _old_spelling(data)  # before this validator reads `method`
         if isinstance(data, dict) and isinstance(data.get("method"), dict) and "name" not in data["method"]:
             data = {**data, "method": {**data["method"], "name": "lora"}}
         return data

@@ -3,7 +3,7 @@
 A batch of pairs (data/rows.py collate_pairs) is 2B rows: the B chosen replies, then the B rejected ones,
 each after its prompt, with a loss mask on the reply's tokens. `sequence_logps` sums the log-probability
 of the masked tokens of every row (token t predicted from t - 1), which is what DPO, SimPO and ORPO compare
-(methods/preference.py). The held-out evaluation of a preference source reports, per domain:
+(objectives/preference.py). The held-out evaluation of a preference source reports, per domain:
 
     loss, ppl            mean next-token loss on the chosen replies (the held-out response loss)
     pref_accuracy        share of pairs whose chosen reply has the higher summed log-probability

@@ -2,7 +2,7 @@
 
 The loop in train/loop.py calls these hooks, in this order, and nothing method-specific besides:
 
-    set-up:    model = method.prepare(model, ctx)        # freeze, wrap (peft), add masks, load a teacher
+    set-up:    model = method.prepare(model, ctx)        # freeze, wrap (peft), add masks, load masks
                method.aux_models()                       # {name: AuxModel}: moved to ctx.device, eval mode,
                                                          #   never in the optimizer or in checkpoints
                method.batch_source(default, ctx)         # the batches to train on (default: packed text)
@@ -11,12 +11,12 @@ The loop in train/loop.py calls these hooks, in this order, and nothing method-s
     each step: method.select_trainable(model, step)      # True: the trainable set changed (LISA), so the
                                                          #   loop rebuilds the optimizer and the DDP wrapper
                params = method.trainable_params(model)   # [(name, param)] handed to the optimizer
-               every micro-batch:  loss = method.loss(model, batch); backward
+               every micro-batch:  loss = objective.loss(model, batch); backward   (objectives/base.py)
                method.after_backward(model, step)        # e.g. mask gradients (sparse fine-tuning)
                optimizer.step()
                method.after_step(model, step)            # e.g. re-apply pruning masks
-    log steps: method.metrics() -> {name: value}          # logged with the train event (DPO's rewards); on
-                                                         #   every process: it may all-reduce
+    log steps: method.metrics() -> {name: value}          # logged with the train event; on every process:
+                                                         #   it may all-reduce
     checkpoint: method.state_dict()      -> JSON (state.json)
                 method.tensor_state()    -> tensors (method.safetensors): masks, index sets
                 method.weights_to_save(model) -> None: the whole model; a dict: only these tensors
@@ -26,6 +26,8 @@ The loop in train/loop.py calls these hooks, in this order, and nothing method-s
                                          (None: it can; checked when the recipe is loaded)
                 method.chunked_loss_refusal() -> the same for train.loss_chunk_tokens
 
+What the loss is belongs to the objective (objectives/base.py), the other axis: a method that runs
+the loss itself (MeZO, sparse's calibration) calls `ctx.objective.loss`.
 A method with no backward pass (MeZO) sets `uses_backward = False` and implements
 `train_step(model, batches, step, lr) -> mean loss`; the loop then skips backward, the optimizer and
 the DDP wrapper (there are no gradients to synchronise): under DDP such a method all-reduces what it
@@ -66,6 +68,7 @@ class MethodContext:
     log: Callable = print
     base_sha256: str | None = None  # hash of the starting weights (before prepare)
     model_dir: Path | None = None  # the directory the starting weights came from (None: a fresh preset)
+    objective: Any = None  # objectives.base.Objective: the run's loss, for methods that run it themselves
 
 
 @dataclass
@@ -99,7 +102,12 @@ class Method:
     name = "base"
     Options: type[BaseModel] = NoOptions
     uses_backward = True
-    loss_chunk_tokens: int | None = None  # train.loss_chunk_tokens, set by the training stage
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "loss" in vars(cls):  # the loop would never call it: say so where the class is written
+            raise TypeError(f"{cls.__name__}.loss: a method chooses the weights; the loss is an objective's "
+                            "(tunelab/objectives/)")
 
     def __init__(self, options: dict | None = None):
         self.options = self.Options.model_validate(options or {})
@@ -122,9 +130,6 @@ class Method:
     def trainable_params(self, model) -> list[tuple[str, "torch.nn.Parameter"]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
-    def loss(self, model, batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
-        return lm_loss(model, batch, self.loss_chunk_tokens)
-
     def train_step(self, model, batches: list[dict], step: int, lr: float) -> "torch.Tensor":
         raise NotImplementedError(f"method {self.name} sets uses_backward=False but has no train_step")
 
@@ -142,8 +147,6 @@ class Method:
 
     def chunked_loss_refusal(self) -> str | None:
         """Why train.loss_chunk_tokens cannot be used with this method (None: it can)."""
-        if type(self).loss is not Method.loss:
-            return f"{self.name} computes its own loss from the logits, not the LM loss that option chunks"
         return None
 
     def metrics(self) -> dict[str, float]:

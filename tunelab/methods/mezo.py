@@ -39,7 +39,7 @@ class MeZO(Method):
         from tunelab.train.precision import autocast_dtype
 
         self.seed, self.dist = ctx.seed, ctx.dist
-        self.objective = ctx.recipe.train.objective
+        self.objective = ctx.objective  # the loss of the two forward passes
         self.weight_decay = ctx.recipe.train.weight_decay
         self.autocast = autocast_dtype(ctx.recipe.train.precision)
         # Every parameter is perturbed and updated; none needs autograd (the loop's trainable set is ours).
@@ -78,10 +78,10 @@ class MeZO(Method):
 
         total = torch.zeros(2, device=batches[0]["input_ids"].device)
         for batch in batches:
-            labels = batch["labels"][:, 1:] if self.objective == "clm" else batch["labels"]
-            count = (labels != -100).sum()
+            labels = batch["labels"][:, 1:] if self.objective.labels == "clm" else batch["labels"]
+            count = (labels != -100).sum()  # a device tensor: no host sync
             with torch.autocast(total.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                loss = self.loss(model, batch)
+                loss = self.objective.loss(model, batch)
             total += torch.stack([loss.float() * count, count.float()])
         if self.dist is not None:
             self.dist.all_reduce_sum(total)

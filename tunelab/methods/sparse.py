@@ -155,7 +155,7 @@ class SparseFT(Method):
         self.k = opts.budget if opts.budget is not None else max(1, round((opts.density or 0.01) * total))
         if self.k > total:
             raise ConfigError(f"method.options.budget: {self.k:,} is more than the {total:,} candidate weights")
-        self.dist, self.base_sha256 = ctx.dist, ctx.base_sha256
+        self.dist, self.base_sha256, self.objective = ctx.dist, ctx.base_sha256, ctx.objective
         self.autocast = autocast_dtype(ctx.recipe.train.precision)
         self.restore = ctx.recipe.train.weight_decay > 0
         self.log = ctx.log
@@ -185,7 +185,7 @@ class SparseFT(Method):
                 for batch, count in self.source.next(step):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                        loss = self.loss(model, batch)
+                        loss = self.objective.loss(model, batch)
                     (loss.float() * count).backward()  # token sums: any split of the batch adds up the same
         finally:
             self.source.load_state_dict(state)

@@ -25,6 +25,7 @@ import yaml
 from tunelab import models
 from tunelab.config import dump_config
 from tunelab.errors import RunDirError
+from tunelab.objectives import objective_class
 from tunelab.runs import RunDir, atomic_write, environment, model_lineage, open_run_dir
 from tunelab.train import dist as distmod
 
@@ -276,7 +277,7 @@ def initial_model(cfg, tokenizer, init: Init | None = None, log=print):
              if init.trained else
              models.build_model(cfg.model.preset, tokenizer, cfg.model.overrides, cfg.model.attn_implementation))
     models.check_pair(model, tokenizer, cfg.data.seq_len)
-    models.check_objective(model, cfg.train.objective)
+    models.check_objective(model, objective_class(cfg.objective.name))
     return model
 
 
@@ -284,7 +285,7 @@ def initial_model(cfg, tokenizer, init: Init | None = None, log=print):
 
 
 def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None, init: Init | None = None) -> dict:
-    """Where the run came from: its parents (each with a role and a hash), tokenizer, data, method."""
+    """Where the run came from: its parents (each with a role and a hash), tokenizer, data, method, objective."""
     init = init or resolve_init(cfg)
 
     def describe(src):
@@ -308,6 +309,7 @@ def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None, init: I
         "data": [trained(s, "train") for s in data.sources] + [trained(s, "replay") for s in data.replay_sources],
         "eval_data": [describe(s) for s in data.eval_sources],
         "method": cfg.method.model_dump(),
+        "objective": cfg.objective.model_dump(),
     }
 
 

@@ -167,40 +167,33 @@ def mixture_plan(cfg, data: TrainingData) -> tuple[list[float], list[tuple[int, 
     return combined({s.domain: s.weight for s in cfg.data.train}), phases
 
 
-def packed_batches(cfg, data: TrainingData, tokenizer, d):
+def packed_batches(cfg, data: TrainingData, tokenizer, d, objective):
+    """The default batch source: pairs for a preference source, else text windows labelled for `objective`."""
     from tunelab.data import Mixture
     from tunelab.train.batches import PackedBatches, PreferenceBatches
-    from tunelab.train.objectives import word_table
 
     tc = cfg.train
     if any(s.spec.format == "preference" for s in data.sources):  # the recipe checks refuse mixing them with text
         return PreferenceBatches(sets=data.sets, micro=tc.micro_batch_size, accum=tc.grad_accum,
                                  pad_id=models.eos_id(tokenizer), rank=d.rank, world=d.world, seed=tc.seed)
-    mask_id = tokenizer.mask_token_id if tc.objective == "mlm" else None
-    if tc.objective == "mlm" and mask_id is None:
-        raise DataError("train.objective=mlm needs a tokenizer with a mask token: train one (unset tokenizer.path) "
-                        "or use a BERT-style tokenizer")
     weights, phases = mixture_plan(cfg, data)
     mixture = Mixture([len(s) for s in data.sets], weights, tc.seed)
-    words = word_table(tokenizer) if tc.objective == "mlm" and tc.whole_word_masking else None
-    return PackedBatches(sets=data.sets, mixture=mixture, objective=tc.objective, micro=tc.micro_batch_size,
+    return PackedBatches(sets=data.sets, mixture=mixture, objective=objective.labels, micro=tc.micro_batch_size,
                          domains=[s.domain for s in data.sources + data.replay_sources], phases=phases,
-                         accum=tc.grad_accum, rank=d.rank, world=d.world, seed=tc.seed, mask_id=mask_id,
-                         vocab_size=len(tokenizer), special_ids=list(tokenizer.all_special_ids),
-                         mlm_probability=tc.mlm_probability, word_table=words)
+                         accum=tc.grad_accum, rank=d.rank, world=d.world, seed=tc.seed,
+                         **(objective.masking(tokenizer) or {}))
 
 
-def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
+def evaluator(cfg, data: TrainingData, tokenizer, device, objective) -> Callable:
     """`evaluate(model, step) -> {domain: {loss, ppl, bpb, eval_tokens}}` on every eval split."""
     from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
-    from tunelab.train.objectives import fixed_mlm_labeler, word_table
+    from tunelab.train.objectives import fixed_mlm_labeler
     from tunelab.train.precision import autocast_dtype
 
     tc = cfg.train
     byte_lengths = token_byte_lengths(tokenizer)
-    label_fn = None if tc.objective == "clm" else fixed_mlm_labeler(
-        tokenizer.mask_token_id, len(tokenizer), list(tokenizer.all_special_ids), tc.mlm_probability,
-        word_table=word_table(tokenizer) if tc.whole_word_masking else None)
+    masking = objective.masking(tokenizer)  # MLM: fixed masks per window, the same at every evaluation
+    label_fn = None if masking is None else fixed_mlm_labeler(**masking)
 
     def evaluate(model, step: int) -> dict:
         from tunelab.eval.preference import evaluate_pairs
@@ -212,7 +205,7 @@ def evaluator(cfg, data: TrainingData, tokenizer, device) -> Callable:
         return pairs | {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=models.eos_id(tokenizer),
                                         document_mask=cfg.data.packing != "concat", byte_lengths=byte_lengths,
                                         max_tokens=tc.eval_max_tokens, batch_size=tc.micro_batch_size, device=device,
-                                        autocast_dtype=autocast_dtype(tc.precision), objective=tc.objective,
+                                        autocast_dtype=autocast_dtype(tc.precision), objective=objective.labels or "clm",
                                         label_fn=label_fn, loss_mask=mask, starts=data.eval_starts.get(domain),
                                         chunk_tokens=tc.loss_chunk_tokens)
                 for domain, (tokens, mask) in data.eval_splits.items()}

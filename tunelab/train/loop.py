@@ -1,4 +1,5 @@
-"""THE training loop. Read it top to bottom; methods change it only through methods/base.py hooks.
+"""THE training loop. Read it top to bottom; methods and objectives change it only through their hooks
+(methods/base.py: which weights train; objectives/base.py: what the loss is).
 
 One optimizer step = `grad_accum` micro-batches on each of the `world` processes, handed out by a
 batch source (train/batches.py). The default source draws the global batch from the mixture in
@@ -24,16 +25,16 @@ from tunelab.train.precision import autocast_dtype
 from tunelab.train.schedules import lr_multiplier
 
 
-def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, resume_from: Path | None = None,
+def train(model, method, objective, batches, evaluate, cfg, config_yaml: str, run, d, ctx, resume_from: Path | None = None,
           init_from: Path | None = None, progress=None, log=print) -> dict:
-    """Train `model` (already method.prepare'd and on ctx.device) with `method` on `batches`.
+    """Train `model` (already prepared and on ctx.device) with `method` on `batches`, `objective`'s loss.
 
     `evaluate(model, step) -> {domain: metrics}` runs on rank 0; `config_yaml` goes into checkpoints.
     `resume_from`: a checkpoint of this very run (everything restored). `init_from`: a checkpoint of the
     run this new one continues, whose optimizer state is loaded when the recipe says init_optimizer.
     """
     tc = cfg.train
-    aux = method.aux_models()
+    aux = {**method.aux_models(), **objective.aux_models()}
     model.train()
     step, tokens = 0, 0
     start_eval: dict = {}  # domain -> the step-0 metrics that deltas are measured from
@@ -138,7 +139,7 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
                 # Only the last micro-batch synchronises gradients across processes.
                 sync = contextlib.nullcontext() if (m == accum - 1 or not d.enabled) else ddp_model.no_sync()
                 with sync, torch.autocast(d.device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = method.loss(forward_model, batch)
+                    loss = objective.loss(forward_model, batch)
                     # Weight each micro-batch by its share of the global targets: the mean over the whole
                     # global batch, whatever the split (DDP averages gradients, hence * world).
                     (loss * (counts[m] * world) / n_global).backward()
@@ -152,6 +153,7 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
             optimizer.zero_grad(set_to_none=True)
         nonfinite += ~torch.isfinite(loss_sum)
         method.after_step(model, step)
+        objective.after_step(model, step)
         step += 1
         tokens += batches.tokens_per_step
 
@@ -166,7 +168,8 @@ def train(model, method, batches, evaluate, cfg, config_yaml: str, run, d, ctx, 
                      "tokens_per_s": round(tok_s, 1)}
             if grad_norm is not None:
                 event["grad_norm"] = float(grad_norm)
-            event.update(method.metrics())  # e.g. DPO's rewards (a collective: every process calls it)
+            event.update(method.metrics())  # collectives: every process calls both
+            event.update(objective.metrics())  # e.g. DPO's rewards
             if hasattr(batches, "source_tokens"):  # what each source (replay included) actually contributed
                 event["source_tokens"] = batches.source_tokens()
             run.log(event)

@@ -178,8 +178,8 @@ def _tokenizer_scheme(tokenizer, tokens: list[str]) -> tuple[str, str]:
     if n < 0.05 * max(1, len(tokens)):
         from tunelab.errors import ModelError
 
-        raise ModelError("train.whole_word_masking: cannot tell where words start in this tokenizer (not WordPiece, "
-                         "SentencePiece or byte-level BPE): set train.whole_word_masking: false")
+        raise ModelError("objective.options.whole_word_masking: cannot tell where words start in this tokenizer (not "
+                         "WordPiece, SentencePiece or byte-level BPE): set it to false")
     return {"##": "wordpiece", "\u0120": "bytelevel-split", "\u2581": "metaspace"}[marker], marker
 
 

@@ -17,13 +17,12 @@ with train.loss_chunk_tokens), and the method turns the two into a loss per pair
 Checked against TRL 1.16 (tests/unit/test_preference_trl.py: losses and gradients on the same model and
 tokens). Note that TRL's `loss_type="sigmoid"` ignores its `label_smoothing`; here it is conservative DPO.
 
-Which weights train, and how they are saved, is another method's job: `tuning: {name, options}` names any
-method that trains with backward on the standard batches (full, lora, dora via lora options, ia3, lisa,
-...), and every hook but the loss and the batches is delegated to it. DPO's reference is the starting
-model: with an adapter method (peft), the same model with the adapter disabled (no second copy in
-memory); otherwise the reference log-probs of every pair the run will draw are computed once from the
-starting weights before the first step and kept on the device (a few bytes per pair). A resumed run
-computes them again from the same starting weights: the same numbers, so resume stays exact.
+Which weights train, and how they are saved, is the method's job (any method that trains by backward: full,
+lora, lisa, ...). DPO's reference is the starting model: with an adapter method (peft), the same model with
+the adapter disabled (no second copy in memory); otherwise the reference log-probs of every pair the run will
+draw are computed once from the starting weights before the first step and kept on the device (a few bytes
+per pair). A resumed run computes them again from the same starting weights: the same numbers, so resume
+stays exact.
 
 Logged with every train event (means over the logged step's pairs, all processes, like the loss):
 rewards_chosen / rewards_rejected (β times the reply's log-ratio to the reference for DPO; β times the
@@ -36,120 +35,39 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import ConfigError
-from tunelab.methods.base import Method
 from tunelab.models import unwrapped
+from tunelab.objectives.base import Objective
 
 METRICS = ("logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "reward_margin",
            "reward_accuracy")
 
 
-class Tuning(BaseModel):
-    """The method that chooses which weights train (and saves them)."""
-    model_config = ConfigDict(extra="forbid")
-    name: str = "full"
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _usable(self) -> "Tuning":
-        from tunelab.config import did_you_mean
-        from tunelab.methods import METHODS, PREFERENCE_METHODS, method_class
-
-        if self.name in PREFERENCE_METHODS:
-            raise ValueError(f"{self.name} is a preference method itself; name the method that chooses the "
-                             "trained weights (full, lora, ...)")
-        if self.name not in METHODS:
-            raise ValueError(f"unknown method {self.name!r}{did_you_mean(self.name, METHODS)}")
-        cls = method_class(self.name)
-        why = ("it has no backward pass" if not cls.uses_backward else
-               "it brings its own batches" if cls.batch_source is not Method.batch_source else
-               "it brings its own loss" if cls.loss is not Method.loss else None)
-        if why:
-            raise ValueError(f"{self.name} cannot choose the weights of a preference method: {why}")
-        try:
-            cls.Options.model_validate(self.options)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"options.{where}: {first['msg']}" if where else f"options: {first['msg']}") from None
-        return self
-
-
-class PreferenceOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    tuning: Tuning = Field(default_factory=Tuning)
-
-
-class PreferenceMethod(Method):
-    """The shared part: batches of pairs, the log-probs, metrics, and delegation to the `tuning` method."""
+class PreferenceObjective(Objective):
+    """The shared part: batches of pairs, the replies' log-probs, and the logged rewards."""
     data_format = "preference"
-    Options = PreferenceOptions
+    labels = None
 
     def __init__(self, options: dict | None = None):
         super().__init__(options)
-        from tunelab.methods import create_method
-
-        self.inner = create_method(self.options.tuning.name, self.options.tuning.options)
         self.dist = None
         self.sums = None  # device tensor: [pairs, *METRICS] summed over this step's micro-batches
         self.step_sums = None  # the same for the last finished step
 
-    # ---- delegated to the tuning method
     def prepare(self, model, ctx):
         self.dist = ctx.dist
-        return self.inner.prepare(model, ctx)
-
-    def aux_models(self):
-        return self.inner.aux_models()
-
-    def gradient_checkpointing_refusal(self):
-        return self.inner.gradient_checkpointing_refusal()
-
-    def chunked_loss_refusal(self):  # the replies' log-probs chunk (eval/preference.py model_sequence_logps)
-        return self.inner.chunked_loss_refusal()
-
-    def select_trainable(self, model, step):
-        return self.inner.select_trainable(model, step)
-
-    def trainable_params(self, model):
-        return self.inner.trainable_params(model)
-
-    def after_backward(self, model, step):
-        self.inner.after_backward(model, step)
 
     def after_step(self, model, step):
-        self.inner.after_step(model, step)
         self.step_sums, self.sums = self.sums, None  # what metrics() reports: this step's pairs, like the loss
-
-    def state_dict(self):
-        return {"tuning": self.inner.state_dict()}
-
-    def load_state_dict(self, state):
-        self.inner.load_state_dict(state.get("tuning", {}))
-
-    def tensor_state(self):
-        return self.inner.tensor_state()
-
-    def load_tensor_state(self, tensors):
-        self.inner.load_tensor_state(tensors)
-
-    def weights_to_save(self, model):
-        return self.inner.weights_to_save(model)
-
-    def load_weights(self, model, tensors):
-        self.inner.load_weights(model, tensors)
-
-    def save_final(self, model, tokenizer, out_dir):
-        self.inner.save_final(model, tokenizer, out_dir)
 
     # ---- pairs
     def batch_source(self, default, ctx):
         from tunelab.train.batches import PreferenceBatches
 
         if not isinstance(default, PreferenceBatches):
-            raise ConfigError(f"method {self.name} trains on preference pairs: data.train needs format: preference")
+            raise ConfigError(f"objective {self.name} trains on preference pairs: data.train needs format: preference")
         return default
 
     def loss(self, model, batch):
@@ -161,6 +79,8 @@ class PreferenceMethod(Method):
         chosen, rejected = logps.view(2, -1)
         n_chosen, n_rejected = counts.view(2, -1).clamp(min=1)
         losses, reward_chosen, reward_rejected = self.pair_losses(model, batch, chosen, rejected, n_chosen, n_rejected)
+        if not model.training:  # a method's calibration pass (sparse), not a training step: not logged
+            return losses.mean()
         with torch.no_grad():
             rc, rr = reward_chosen.detach().float(), reward_rejected.detach().float()
             row = torch.stack([torch.ones_like(rc), chosen.detach(), rejected.detach(), rc, rr, rc - rr,
@@ -180,12 +100,13 @@ class PreferenceMethod(Method):
         return {name: round(v, 6) for name, v in zip(METRICS, values)}
 
 
-class DPOOptions(PreferenceOptions):
+class DPOOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     beta: float = Field(0.1, gt=0)  # how far the policy may move from the reference (KL weight)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # the share of pairs assumed mislabelled (cDPO)
 
 
-class DPO(PreferenceMethod):
+class DPO(PreferenceObjective):
     name = "dpo"
     Options = DPOOptions
 
@@ -194,10 +115,9 @@ class DPO(PreferenceMethod):
         self.reference = None  # None: the adapter-disabled model; else a device tensor [pair id, 2] of log-probs
 
     def prepare(self, model, ctx):
-        model = super().prepare(model, ctx)
+        super().prepare(model, ctx)
         self.adapter_reference = hasattr(unwrapped(model), "disable_adapter")
         self.model = model  # the starting weights, until the first step: the cached reference is computed on them
-        return model
 
     def batch_source(self, default, ctx):
         batches = super().batch_source(default, ctx)
@@ -261,12 +181,13 @@ class DPO(PreferenceMethod):
             base.train(was_training)
 
 
-class SimPOOptions(PreferenceOptions):
+class SimPOOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     beta: float = Field(2.0, gt=0)  # scale of the length-normalised reward (the paper uses 2 to 2.5)
     gamma: float = Field(1.0, ge=0)  # target reward margin (the paper: gamma / beta about 0.5)
 
 
-class SimPO(PreferenceMethod):
+class SimPO(PreferenceObjective):
     name = "simpo"
     Options = SimPOOptions
 
@@ -278,11 +199,12 @@ class SimPO(PreferenceMethod):
         return -F.logsigmoid(reward_chosen - reward_rejected - self.options.gamma), reward_chosen, reward_rejected
 
 
-class ORPOOptions(PreferenceOptions):
+class ORPOOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     beta: float = Field(0.1, gt=0)  # weight of the odds-ratio term against the NLL of the chosen reply (λ)
 
 
-class ORPO(PreferenceMethod):
+class ORPO(PreferenceObjective):
     name = "orpo"
     Options = ORPOOptions
 
