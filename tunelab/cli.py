@@ -161,8 +161,9 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from tunelab.console import table_console
 
     table = Table(title=f"eval: {model_dir}")
     for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
@@ -170,7 +171,7 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     for domain, r in results.items():
         table.add_row(domain, r["split"], f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
                       f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
-    Console().print(table)
+    table_console().print(table)
 
 
 @app.command()
