@@ -467,6 +467,8 @@ def main() -> None:
     # Offline by design, and transformers' own progress bars would interleave with ours.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if hasattr(sys.stdout, "reconfigure"):  # piped (nohup, CI), each log line shows when it is printed
+        sys.stdout.reconfigure(line_buffering=True)
     command = typer.main.get_command(app)
     conventional_metavars(command)
     try:

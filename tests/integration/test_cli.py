@@ -105,6 +105,7 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, corpus_dir):
     out = tmp_path / "run"
     result = _interrupt_after(recipe, out, step=3)
     assert result.returncode == 130, result.stderr
+    assert "step 1/100000  loss " in result.stdout  # piped: plain progress lines, not a bar
     assert "Traceback" not in result.stderr
     interrupted = [line for line in result.stderr.splitlines() if line.startswith("interrupted after step ")]
     assert len(interrupted) == 1 and "of 100000" in interrupted[0] and str(out) in interrupted[0], result.stderr
