@@ -72,7 +72,8 @@ def check_data_paths(cfg) -> None:
     replay = cfg.data.replay.sources if cfg.data.replay else []
     for section, specs in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("data.replay", replay)):
         for spec in specs:
-            if not spec.source.startswith("builtin:") and not Path(spec.source.removeprefix("hf:")).expanduser().exists():
+            path = Path(spec.source.removeprefix("hf:")).expanduser()
+            if not spec.source.startswith("builtin:") and not path.exists():
                 raise DataError(f"{section}: {spec.source}: no such file or folder; fix the path in the recipe "
                                 f"(or --set {section}=PATH)")
 
@@ -120,7 +121,8 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
           data: list[str] = typer.Option([], "--data", help="Source to evaluate (repeatable); default: all built-in "
                                          "domains, unless only --task / --generation is asked for."),
           seq_len: int = typer.Option(256, "--seq-len", help="Tokens per scored window."),
-          max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens per domain (default: no cap, every token)."),
+          max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens per domain "
+                                                   "(default: no cap, every token)."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           split: str = typer.Option("auto", "--split", help="auto: a source the model or an ancestor trained on "
                                     "is scored on its held-out split, any other whole; or held-out | whole."),
@@ -361,7 +363,8 @@ def merge(args: list[str] = typer.Argument(..., metavar="RECIPE | MODEL_DIR...",
           base: Optional[str] = typer.Option(None, "--base", help="The model the inputs were fine-tuned from "
                                              "(task_arithmetic, ties, dare_*, breadcrumbs*)."),
           weights: Optional[str] = typer.Option(None, "--weights", help="One weight per model, e.g. 0.5,0.5."),
-          density: Optional[float] = typer.Option(None, "--density", help="Share of each task vector kept, in (0, 1] (default: 0.5 for ties and dare_*, 0.9 for breadcrumbs*)."),
+          density: Optional[float] = typer.Option(None, "--density", help="Share of each task vector kept, in (0, 1] "
+                                               "(default: 0.5 for ties and dare_*, 0.9 for breadcrumbs*)."),
           seed: Optional[int] = typer.Option(None, "--seed", help="DARE's drop masks."),
           data: list[str] = typer.Option([], "--data", help="Source to score every model on (repeatable); default: "
                                          "what the inputs trained on."),

@@ -187,7 +187,8 @@ def render_table(table: dict, console=None) -> None:
     grid.add_column("domain", overflow="fold")  # names are never cut short ("quickstart-code…")
     grid.add_column("role", overflow="fold")
     if table["base"]:
-        grid.add_column(f"base {table['base']['name']}\n@{table['base']['final_step']}", justify="right", overflow="fold")
+        grid.add_column(f"base {table['base']['name']}\n@{table['base']['final_step']}", justify="right",
+                        overflow="fold")
     for run in table["runs"]:
         grid.add_column(f"{run['name']}\n@{run['final_step']}", justify="right", overflow="fold")
     for row in table["rows"]:

@@ -49,7 +49,8 @@ def test_sizes_are_in_human_units(tmp_path, tokenizer):
 def _chat_file(path, n: int):
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"It is {2 * i}."}) + "\n")
+            row = {"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"It is {2 * i}."}
+            f.write(json.dumps(row) + "\n")
     return path
 
 

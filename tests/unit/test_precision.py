@@ -64,7 +64,8 @@ def test_pinned_fp32_says_only_that(monkeypatch):
     _cpu(monkeypatch, {"amx_bf16"})
     _no_timing(monkeypatch)
     messages = []
-    assert precision.resolve_precision("fp32", torch.device("cpu"), log=messages.append) == ("fp32", "set in the recipe")
+    used = precision.resolve_precision("fp32", torch.device("cpu"), log=messages.append)
+    assert used == ("fp32", "set in the recipe")
     assert messages == []
 
 
