@@ -256,12 +256,11 @@ def _num(value) -> str:
 
 def render_analysis(result: dict, limit: int = 20, console=None) -> None:
     """The matrices by relative update norm (the first `limit`; 0: all), then the summary line."""
-    import sys
-
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    from tunelab.console import table_console
+
+    console = console or table_console()
     matrices = [r for r in result["rows"] if r["intruders"] is not None]
     shown = matrices[:limit] if limit > 0 else matrices
     console.print(f"analyze: {result['tuned']} against {result['base']}", markup=False, highlight=False,

@@ -17,6 +17,22 @@ from tunelab.errors import TunelabError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pretrain, adapt, evaluate and compare language models; every run is a self-describing directory.")
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from tunelab import __version__
+
+        print(f"tunelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit.")):
+    pass
+
+
 SET_HELP = "Override a recipe value by dotted path, e.g. --set train.max_steps=100 (value parsed as YAML)."
 DEFAULT_EVAL = ["builtin:prose", "builtin:code", "builtin:tests"]
 BASE_HELP = "For an adapter directory: its base model, if it moved since training."
@@ -24,14 +40,59 @@ BASE_HELP = "For an adapter directory: its base model, if it moved since trainin
 
 RECIPE_HELP = "Recipe YAML file, or the name of a shipped recipe."
 OUT_HELP = "Run directory (default runs/<recipe name>)."
+QUIET_HELP = "No progress bar or log lines."
+SEED_HELP = "Sampling seed."
+TEMPERATURE_HELP = "Sampling temperature (lower: closer to greedy)."
+TOP_K_HELP = "Sample from the k most likely tokens (0: all)."
 RESUME_HELP = "Continue the same run from its newest intact checkpoint (the recipe must not change, bar safe keys)."
 
 
 def _train(kind: str, recipe: str, set_: list[str], out: Optional[Path], resume: bool, quiet: bool) -> None:
     from tunelab.config import load_recipe
+
+    cfg = load_recipe(recipe, set_, kind=kind)
+    check_data_paths(cfg)  # before torch is imported: a mistyped path fails in a second, not after ~10
     from tunelab.stages import run_stage
 
-    run_stage(load_recipe(recipe, set_, kind=kind), out=out, resume=resume, quiet=quiet)
+    try:
+        run_stage(cfg, out=out, resume=resume, quiet=quiet)
+    except KeyboardInterrupt:
+        # Reported, then re-raised: typer turns it into exit code 130. (Writing a checkpoint on the
+        # way out belongs in train/loop.py, which holds the state; this report then names it.)
+        run_dir = Path(out) if out else Path("runs") / cfg.name
+        command = ["tunelab", kind, recipe, *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
+        report_interrupt(run_dir, cfg.train.max_steps, command + ["--resume"])
+        raise
+
+
+def check_data_paths(cfg) -> None:
+    """Every file or folder source of the recipe exists (built-in sources need no check)."""
+    from tunelab.errors import DataError
+
+    replay = cfg.data.replay.sources if cfg.data.replay else []
+    for section, specs in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("data.replay", replay)):
+        for spec in specs:
+            path = Path(spec.source.removeprefix("hf:")).expanduser()
+            if not spec.source.startswith("builtin:") and not path.exists():
+                raise DataError(f"{section}: {spec.source}: no such file or folder; fix the path in the recipe "
+                                f"(or --set {section}=PATH)")
+
+
+def report_interrupt(run_dir: Path, max_steps: int, resume_command: list[str]) -> None:
+    """Where an interrupted run stopped and how to continue it (stderr; rank 0 only)."""
+    import os
+    import shlex
+
+    from tunelab.runs import read_metrics
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    logged = [e["step"] for e in read_metrics(run_dir / "metrics.jsonl") if e.get("event") == "train"]
+    kept = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    where = f"after step {max(logged)} of {max_steps}" if logged else "before its first logged step"
+    resume = (f"--resume continues from checkpoint step-{max(kept)}" if kept else
+              "no checkpoint yet: --resume starts again from step 0")
+    _stderr(f"interrupted {where}: {run_dir} ({resume}); continue with:\n  {shlex.join(resume_command)}")
 
 
 @app.command()
@@ -39,7 +100,7 @@ def pretrain(recipe: str = typer.Argument(..., help=RECIPE_HELP),
              set_: list[str] = typer.Option([], "--set", help=SET_HELP),
              out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
              resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-             quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines.")):
+             quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Train a model from a recipe: pretraining or continued pretraining, with any method."""
     _train("pretrain", recipe, set_, out, resume, quiet)
 
@@ -49,7 +110,7 @@ def finetune(recipe: str = typer.Argument(..., help=RECIPE_HELP),
              set_: list[str] = typer.Option([], "--set", help=SET_HELP),
              out: Optional[Path] = typer.Option(None, "--out", help=OUT_HELP),
              resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-             quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines.")):
+             quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Fine-tune a trained model (model.path) from a recipe; the method defaults to LoRA (final/ is an adapter)."""
     _train("finetune", recipe, set_, out, resume, quiet)
 
@@ -59,8 +120,9 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
                                                 help="Saved model or adapter directories (e.g. runs/NAME/final)."),
           data: list[str] = typer.Option([], "--data", help="Source to evaluate (repeatable); default: all built-in "
                                          "domains, unless only --task / --generation is asked for."),
-          seq_len: int = typer.Option(256, "--seq-len"),
-          max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens per domain."),
+          seq_len: int = typer.Option(256, "--seq-len", help="Tokens per scored window."),
+          max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on tokens per domain "
+                                                   "(default: no cap, every token)."),
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           split: str = typer.Option("auto", "--split", help="auto: a source the model or an ancestor trained on "
                                     "is scored on its held-out split, any other whole; or held-out | whole."),
@@ -76,7 +138,7 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
           prompt_tokens: int = typer.Option(32, "--prompt-tokens", min=1, help="--generation: tokens per prompt."),
           max_new_tokens: int = typer.Option(96, "--max-new-tokens", min=1, help="--generation: tokens generated."),
           seed: int = typer.Option(0, "--seed", help="Sampling and bootstrap seed."),
-          quiet: bool = typer.Option(False, "--quiet")):
+          quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Loss, perplexity and bits per byte of models on each data domain (a source the model or an ancestor
     trained on: its held-out split; any other source: all of it); with several models or --relative-to, one
     table with each model's change against the base; multiple-choice tasks; generation quality."""
@@ -101,8 +163,9 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from tunelab.console import table_console
 
     table = Table(title=f"eval: {model_dir}")
     for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
@@ -110,17 +173,17 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     for domain, r in results.items():
         table.add_row(domain, r["split"], f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
                       f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
-    Console().print(table)
+    table_console().print(table)
 
 
 @app.command()
 def generate(model_dir: str = typer.Argument(..., help="A saved model or adapter directory."),
-             prompt: str = typer.Option(..., "--prompt"),
-             max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+             prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens generated."),
              greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
-             temperature: float = typer.Option(0.8, "--temperature", min=0.01),
-             top_k: int = typer.Option(50, "--top-k", min=0),
-             seed: int = typer.Option(0, "--seed"),
+             temperature: float = typer.Option(0.8, "--temperature", min=0.01, help=TEMPERATURE_HELP),
+             top_k: int = typer.Option(50, "--top-k", min=0, help=TOP_K_HELP),
+             seed: int = typer.Option(0, "--seed", help=SEED_HELP),
              base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP)):
     """Continue a prompt with a saved model."""
     from tunelab.evaluate import generate_text
@@ -135,11 +198,11 @@ def chat(model_dir: str = typer.Argument(..., help="A saved model or adapter dir
          message: Optional[str] = typer.Option(None, "--message", help="Send this one message, print the reply and "
                                                "exit; without it, each line of stdin is a message, until EOF."),
          system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation."),
-         max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+         max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest reply, in tokens."),
          greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
-         temperature: float = typer.Option(0.8, "--temperature", min=0.01),
-         top_k: int = typer.Option(50, "--top-k", min=0),
-         seed: int = typer.Option(0, "--seed"),
+         temperature: float = typer.Option(0.8, "--temperature", min=0.01, help=TEMPERATURE_HELP),
+         top_k: int = typer.Option(50, "--top-k", min=0, help=TOP_K_HELP),
+         seed: int = typer.Option(0, "--seed", help=SEED_HELP),
          base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP)):
     """Talk to a model through its chat template (the built-in one if its tokenizer has none)."""
     from tunelab.chat import chat as converse, stdin_messages
@@ -154,7 +217,7 @@ def chat(model_dir: str = typer.Argument(..., help="A saved model or adapter dir
 @app.command()
 def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run directory."),
                set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-               quiet: bool = typer.Option(False, "--quiet")):
+               quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """The whole loop on the built-in corpus, offline: tokenizer, pretraining, eval on every domain, a sample; code by
     continued pretraining (with and without replay) and LoRA, the forgetting table; SFT and DPO; the HTML report."""
     from tunelab.quickstart import run_quickstart
@@ -179,7 +242,7 @@ def export_(source: str = typer.Argument(..., metavar="RUN_OR_ADAPTER",
             out: Path = typer.Option(..., "--out", help="New directory to write (must not exist, or be empty)."),
             merge: bool = typer.Option(False, "--merge", help="Fold a LoRA adapter into its base model."),
             base: Optional[str] = typer.Option(None, "--base", help="The adapter's base model, if it moved."),
-            quiet: bool = typer.Option(False, "--quiet")):
+            quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Write a standalone HF model directory (plain AutoModelForCausalLM loads it), with lineage.json."""
     from tunelab.export import export_model
 
@@ -216,7 +279,7 @@ def analyze(base: str = typer.Argument(..., metavar="BASE", help="The model it w
                                             "|cos| with every base singular vector is below this."),
             limit: int = typer.Option(20, "--limit", min=0, help="Table rows (0: all)."),
             as_json: bool = typer.Option(False, "--json", help="Print every tensor's row and the totals as JSON."),
-            quiet: bool = typer.Option(False, "--quiet")):
+            quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Weight-space analysis of a fine-tune against its base: changed and trainable parameters, per-matrix
     update norm, rank and effective rank of the update, unchanged share, intruder dimensions."""
     from tunelab.analyze import analyze as run_analysis
@@ -282,7 +345,7 @@ def average(run: Path = typer.Argument(..., help="A run directory with checkpoin
             last: Optional[int] = typer.Option(None, "--last", min=1, help="Average the last K intact checkpoints "
                                                "(default 3)."),
             steps: Optional[str] = typer.Option(None, "--steps", help="Average these checkpoint steps, e.g. 200,300,400."),
-            quiet: bool = typer.Option(False, "--quiet")):
+            quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Uniform average of a run's last checkpoints (LAWA), written as a plain HF model directory with lineage.json."""
     from tunelab.ops.average import average_checkpoints, parse_steps
 
@@ -300,14 +363,15 @@ def merge(args: list[str] = typer.Argument(..., metavar="RECIPE | MODEL_DIR...",
           base: Optional[str] = typer.Option(None, "--base", help="The model the inputs were fine-tuned from "
                                              "(task_arithmetic, ties, dare_*, breadcrumbs*)."),
           weights: Optional[str] = typer.Option(None, "--weights", help="One weight per model, e.g. 0.5,0.5."),
-          density: Optional[float] = typer.Option(None, "--density", help="Share of each task vector kept, in (0, 1]."),
+          density: Optional[float] = typer.Option(None, "--density", help="Share of each task vector kept, in (0, 1] "
+                                               "(default: 0.5 for ties and dare_*, 0.9 for breadcrumbs*)."),
           seed: Optional[int] = typer.Option(None, "--seed", help="DARE's drop masks."),
           data: list[str] = typer.Option([], "--data", help="Source to score every model on (repeatable); default: "
                                          "what the inputs trained on."),
           set_: list[str] = typer.Option([], "--set", help="Override a recipe value, e.g. --set options.gamma=0.05."),
           out: Optional[Path] = typer.Option(None, "--out", help="New directory for the merged model "
                                              "(default runs/<name>)."),
-          quiet: bool = typer.Option(False, "--quiet")):
+          quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Merge models (soups, task arithmetic, TIES, DARE, breadcrumbs, SLERP) into a plain HF model directory,
     scored against its parents on held-out data; lineage.json lists every input."""
     from tunelab.stages.merge import cli_recipe, run_merge
@@ -338,7 +402,7 @@ def prune(target: str = typer.Argument(..., metavar="RECIPE | MODEL_DIR",
           out: Optional[Path] = typer.Option(None, "--out", help="New directory for the pruned model (default "
                                              "runs/<name>)."),
           resume: bool = typer.Option(False, "--resume", help="Continue an interrupted lottery (imp) in --out."),
-          quiet: bool = typer.Option(False, "--quiet")):
+          quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Prune a model: unstructured (magnitude, Wanda; masks keep the zeros through later training with method
     masked), structured (heads, FFN neurons, layers: a smaller HF model), or lottery tickets (imp, a recipe).
     Prints a sparsity report and size, speed and held-out loss before and after."""
@@ -359,7 +423,7 @@ def anneal(run: Path = typer.Argument(..., help="The run to branch from (its che
            set_: list[str] = typer.Option([], "--set", help=SET_HELP),
            out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: RUN-anneal-N beside RUN)."),
            resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-           quiet: bool = typer.Option(False, "--quiet")):
+           quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Branch a short LR decay off a stable-phase checkpoint into a release model; the main run is untouched.
 
     The branch continues the run's optimizer and data stream and decays from the LR the run had at
@@ -380,25 +444,44 @@ def _stderr(*parts) -> None:
     print(*parts, file=sys.stderr)
 
 
+METAVARS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH"}
+
+
+def conventional_metavars(command) -> None:
+    """Help shows click's TEXT / INTEGER / PATH for an option's value and nothing for a flag, instead of
+    typer's Python types (<list[str]>, <bool>); an argument's name already says what it takes."""
+    for sub in getattr(command, "commands", {}).values():
+        conventional_metavars(sub)
+    help_option = command.get_help_option(typer.Context(command))  # made once, then reused by the command
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if param.param_type_name == "argument":
+            param.display_type_rich = lambda ctx: None
+        elif param.metavar is None:
+            element = param.bare_type().removeprefix("list[").removesuffix("]")  # a repeatable option: one value
+            param.metavar = "" if param.is_flag else METAVARS.get(element, element.upper())
+
+
 def main() -> None:
     import os
+
+    # typer vendors click: its usage errors are typer._click's exceptions, not the installed click's.
+    from typer._click.exceptions import ClickException
 
     # Offline by design, and transformers' own progress bars would interleave with ours.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if hasattr(sys.stdout, "reconfigure"):  # piped (nohup, CI), each log line shows when it is printed
+        sys.stdout.reconfigure(line_buffering=True)
+    command = typer.main.get_command(app)
+    conventional_metavars(command)
     try:
-        app(standalone_mode=False)
+        code = command.main(standalone_mode=False)  # 130 after Ctrl-C, 0 after --help, else a command's None
     except TunelabError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (typer.Exit, SystemExit) as exc:
-        raise exc
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except ClickException as exc:  # a usage error: the short message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # EOF at a prompt
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -174,23 +174,23 @@ def _num(value: float | None, signed: bool = False) -> str:
 
 def render_table(table: dict, console=None) -> None:
     """Print the table, the per-run summary lines and the footnotes (rich; colours only on a terminal)."""
-    import sys
-
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    from tunelab.console import table_console
+
+    console = console or table_console()
     metric = table["metric"]
     against = f"base {table['base']['name']}" if table["base"] else "each run's step 0"
     console.print(f"forgetting: final {metric} (delta from {against})", markup=False, highlight=False, style="bold")
     grid = Table()
-    grid.add_column("domain")
-    grid.add_column("role")
+    grid.add_column("domain", overflow="fold")  # names are never cut short ("quickstart-code…")
+    grid.add_column("role", overflow="fold")
     if table["base"]:
-        grid.add_column(f"base {table['base']['name']}\n@{table['base']['final_step']}", justify="right")
+        grid.add_column(f"base {table['base']['name']}\n@{table['base']['final_step']}", justify="right",
+                        overflow="fold")
     for run in table["runs"]:
-        grid.add_column(f"{run['name']}\n@{run['final_step']}", justify="right")
+        grid.add_column(f"{run['name']}\n@{run['final_step']}", justify="right", overflow="fold")
     for row in table["rows"]:
         line = [row["domain"], row["role"]]
         if table["base"]:

@@ -299,14 +299,13 @@ def _generation(path: str, model, tokenizer, sources: list[str], split: str, sha
 
 def render_suite(result: dict, console=None) -> None:
     """Print evaluate_suite's result: the perplexity table, one table per task, the generation measures."""
-    import sys
-
-    from rich.console import Console
     from rich.table import Table
+
+    from tunelab.console import table_console
 
     from tunelab.eval.relative import render_relative
 
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    console = console or table_console()
     if result["perplexity"] is not None:
         render_relative(result["perplexity"], console)
     for name, task in (result["tasks"] or {}).items():

@@ -20,17 +20,17 @@ from tunelab.config import load_recipe
 
 
 def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path:
-    from rich.console import Console
     from rich.table import Table
 
     from tunelab.compare import forgetting_table, render_table
+    from tunelab.console import table_console
     from tunelab.evaluate import generate_text
     from tunelab.report import write_report
     from tunelab.runs import RunDir
     from tunelab.stages import run_stage
     from tunelab.runs import read_metrics
 
-    console = Console(quiet=quiet)
+    console = table_console(quiet=quiet)
     cfg = load_recipe("quickstart", overrides)
     resume = (Path(out) / "config.yaml").exists()  # re-running the quickstart continues/finishes the same run
     run_dir = run_stage(cfg, out=out, resume=resume, quiet=quiet)

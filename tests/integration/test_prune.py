@@ -246,7 +246,8 @@ def test_full_training_of_a_pruned_model_warns_and_fills_the_zeros(base, magnitu
     run = _train(_recovery_recipe(tmp_path / "full.yaml", base, magnitude_dir, "full"), tmp_path / "full",
                  quiet=False)
     logged = capsys.readouterr().out
-    warning = [line for line in logged.splitlines() if line.startswith("warning:")]
+    warning = [line for line in logged.splitlines()  # (the tiny corpus's held-out split is warned about too)
+               if line.startswith("warning:") and "held-out split has only" not in line]
     assert warning == [f"warning: {magnitude_dir} is pruned (masks.safetensors) and method full does not keep its "
                        "pruned weights at 0; use method: masked to keep the sparsity"], logged
     masks, final = prune.load_masks(magnitude_dir), _tensors(run / "final")

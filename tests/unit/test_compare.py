@@ -219,3 +219,43 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, runs, case):
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert needle in lines[0], lines[0]
     assert result.stdout == ""
+
+
+def _long_named_runs(root: Path) -> list[Path]:
+    def events(loss):
+        return [*[_eval(0, d, 4.0, 2.0, "reference", delta_from_start=0.0) for d in ("prose", "tests")],
+                _eval(0, "code", 4.0, 2.0, "target", delta_from_start=0.0), _train(1),
+                *[_eval(100, d, loss, 2.1, "reference", delta_from_start=loss - 4.0) for d in ("prose", "tests")],
+                _eval(100, "code", 3.0, 1.5, "target", delta_from_start=-1.0)]
+
+    names = ["quickstart-code-replay", "quickstart-code-lora", "quickstart-code-full", "quickstart-code-dora",
+             "quickstart-code-replay-10-percent-of-every-batch"]
+    return [_write_run(root / name, events(4.1 + i / 10)) for i, name in enumerate(names)]
+
+
+def test_run_names_are_never_cut_short(tmp_path, capsys):
+    """Piped (not a terminal: pytest captures stdout), the tables take the width they need; on a narrow
+    terminal a name column folds instead of ending in '…'."""
+    import io
+
+    from rich.console import Console
+
+    from tunelab.compare import render_table
+    from tunelab.eval.relative import render_relative, relative_table
+
+    runs = _long_named_runs(tmp_path)
+    table = forgetting_table(runs)
+    render_table(table)
+    printed = capsys.readouterr().out
+    assert "…" not in printed
+    assert all(f" {run.name} " in printed or f"┃ {run.name} ┃" in printed for run in runs), printed
+    narrow = io.StringIO()
+    render_table(table, console=Console(file=narrow, width=60))
+    assert "…" not in narrow.getvalue()
+
+    results = {run.name: {"code": {"loss": 3.0 + i, "bpb": 1.0, "split": "held-out"}} for i, run in enumerate(runs)}
+    relative = relative_table(results, {run.name: str(run) for run in runs},
+                              {run.name: {"code": "target"} for run in runs}, base=runs[0].name)
+    render_relative(relative)
+    printed = capsys.readouterr().out
+    assert "…" not in printed and all(run.name in printed for run in runs), printed

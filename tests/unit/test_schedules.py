@@ -11,6 +11,7 @@ import math
 import pytest
 
 from tunelab.config import ScheduleConfig
+from tunelab.train.schedules import warning as schedule_warning
 from tunelab.train.schedules import (
     DECAY_SHAPES,
     SCHEDULES,
@@ -449,3 +450,15 @@ def test_simple_schedules_phases():
         "warmup", "warmup", "constant", "constant"]
     for name in ("linear", "cosine", "inverse_sqrt"):
         assert [phase_of(s, 50, cfg(name, warmup_steps=2)) for s in (1, 2, 49)] == ["warmup", "decay", "decay"]
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about():
+    c = cfg("cosine", warmup_steps=20, min_lr_ratio=0.1)
+    assert describe(c, 20) == "cosine: warmup 0->1 over 20 steps, no decay"  # not "decay to 0.1 over 0"
+    assert lr_multiplier(19, 20, c) == 1.0  # what the warning is about: the peak at the last step
+    line = schedule_warning(c, 20)
+    assert line.startswith("warning: ") and "warmup_steps=20" in line and "max_steps=20" in line and "\n" not in line
+    assert schedule_warning(c, 21) is None and schedule_warning(cfg("cosine"), 5) is None
+    assert "overlaps" in schedule_warning(cfg("wsd", warmup_steps=18, decay_fraction=0.2), 20)  # decay: last 4
+    assert schedule_warning(cfg("wsd", warmup_steps=10, decay_fraction=0.2), 100) is None
+    assert schedule_warning(cfg("anneal", start_ratio=0.5), 5) is None

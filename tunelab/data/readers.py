@@ -238,10 +238,26 @@ def _iter_jsonl(path: Path, name: str, tally: Tally, table_format: str = "text")
             if not isinstance(row, dict) or name not in row:
                 has = ", ".join(map(str, row)) if isinstance(row, dict) else f"a JSON {type(row).__name__}"
                 raise DataError(f"{path}:{lineno}: no field {name!r} (has: {has or 'nothing'}); "
-                                "set text_field in the source to the field holding the text")
+                                + _text_field_fix(row if isinstance(row, dict) else [], str(path), "field"))
             doc = _document(row[name], f"{path}:{lineno}", name, tally, json_text=True)
             if doc is not None:
                 yield doc
+
+
+def _text_field_fix(names, source: str, kind: str) -> str:
+    """The fix for a text source without its text field. Rows that look like chat examples or preference
+    pairs get the format to set: said, not guessed, so the recipe (and config.yaml) still says what a
+    run trained on, and the same recipe never trains differently because a file changed."""
+    names = set(names)
+    if {"chosen", "rejected"} <= names:
+        fmt = "preference"
+    elif "messages" in names or any(pair <= names for pair in ({"prompt", "response"}, {"prompt", "completion"},
+                                                                   {"instruction", "output"})):
+        fmt = "chat"
+    else:
+        return f"set text_field in the source to the {kind} holding the text"
+    return (f"these rows are {fmt} examples: set format: {fmt} in the source, e.g. "
+            f"--set 'data.train=[{{source: {source}, format: {fmt}}}]'")
 
 
 def _parquet_error(path: Path, err: Exception) -> DataError:
@@ -270,7 +286,7 @@ def _iter_parquet(path: Path, name: str, tally: Tally, table_format: str = "text
             raise _parquet_error(path, err) from None
         if table_format == "text" and name not in names:
             raise DataError(f"{path}: no column {name!r} (has: {', '.join(names)}); "
-                            "set text_field in the source to the column holding the text")
+                            + _text_field_fix(names, str(path), "column"))
         columns = _table_columns(names, table_format, path) if table_format != "text" else [name]
         batches = table.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=columns)
         row_number = 0
@@ -386,7 +402,7 @@ def iter_hf(spec, cache_dir: Path, tally: Tally) -> Iterator[Document]:
         return
     if name not in ds.column_names:
         raise DataError(f"{spec.source}: no column {name!r} (has: {', '.join(ds.column_names)}); "
-                        "set text_field in the source to the column holding the text")
+                        + _text_field_fix(ds.column_names, spec.source, "column"))
     # Record batches from the memory-mapped Arrow files: the dataset is never loaded whole.
     for batch in ds.select_columns([name]).iter(batch_size=TABLE_BATCH_ROWS):
         for value in batch[name]:

@@ -195,7 +195,9 @@ def _write_index(path: Path, entry: dict) -> None:
 
 def source_identity(spec: SourceSpec, cache_dir: Path, log: Callable = print) -> SourceIdentity:
     """Content hash (and whether loss masks are needed) of a source: from the stat index when its files
-    are unchanged, else by reading it once (and indexing the result)."""
+    are unchanged, else by reading it once (and indexing the result). The read's warnings (skipped
+    files, undecodable bytes) are not logged here but once, where the source is tokenized
+    (tokcache.tokenize_source logs them from its cache entry); `log` is kept for the callers."""
     spec = _generated(spec, cache_dir)
     if spec.source.startswith("builtin:"):
         from tunelab.data.builtin import builtin_documents
@@ -208,7 +210,7 @@ def source_identity(spec: SourceSpec, cache_dir: Path, log: Callable = print) ->
         if found is not None:
             return found
     tally = Tally()
-    for _ in iter_documents(spec, cache_dir, log=log, tally=tally):
+    for _ in iter_documents(spec, cache_dir, log=_quiet, tally=tally):
         pass
     identity = SourceIdentity(tally.content_hash, tally.masked)
     if listing is not None and not listing.racy:

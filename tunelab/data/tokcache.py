@@ -194,6 +194,9 @@ def _write_entry(where: Path, fill: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
+# Fewer held-out examples than this and the held-out loss is mostly which examples they happen to be.
+MIN_HELD_OUT = 20
+
 # ---------------------------------------------------------------- public
 
 
@@ -219,9 +222,10 @@ def tokenize_source(spec: SourceSpec, tokenizer, eos_id: int, cache_dir: Path, e
             raise RuntimeError(f"{where}: token cache entry unreadable right after writing it")
     arrays, meta = entry
     log_read_warnings(spec.source, meta["decode_errors"], meta["binary_files"], log, meta["binary_count"])
-    megabytes = (meta["train_bytes"] + meta["eval_bytes"]) / 1e6
+    if split and meta["eval_docs"]:
+        warn_small_held_out(spec, meta["eval_docs"], len(arrays["eval"]), eval_fraction, log)
     log(f"data {spec.domain}: {meta['train_docs']:,} train + {meta['eval_docs']:,} eval docs, "
-        f"{len(arrays['train']):,} + {len(arrays['eval']):,} tokens, {megabytes:.1f} MB, "
+        f"{len(arrays['train']):,} + {len(arrays['eval']):,} tokens, {size(meta['train_bytes'] + meta['eval_bytes'])}, "
         f"{time.perf_counter() - start:.1f}s ({'cached' if cached else 'tokenized'})")
     return TokenizedSource(spec=spec, domain=spec.domain, train=arrays["train"], eval=arrays["eval"],
                            train_bytes=meta["train_bytes"], eval_bytes=meta["eval_bytes"],
@@ -229,6 +233,25 @@ def tokenize_source(spec: SourceSpec, tokenizer, eos_id: int, cache_dir: Path, e
                            content_hash=identity.content_hash, cache_key=key, decode_errors=meta["decode_errors"],
                            train_mask=arrays["train_mask"], eval_mask=arrays["eval_mask"],
                            train_starts=arrays["train_starts"], eval_starts=arrays["eval_starts"])
+
+
+def size(n_bytes: int) -> str:
+    """Bytes in human units (a small source is "3.2 KB", not "0.0 MB")."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def warn_small_held_out(spec: SourceSpec, eval_docs: int, eval_tokens: int, eval_fraction: float, log) -> None:
+    """A held-out split of a few examples gives a loss that moves with which ones they are: say so."""
+    count, unit = {"chat": (eval_docs, "example"), "preference": (eval_docs // 2, "pair")}.get(
+        spec.format, (eval_docs, "piece"))
+    if count < MIN_HELD_OUT:
+        log(f"warning: data {spec.domain}: its held-out split has only {count} {unit}{'s' * (count != 1)} "
+            f"({eval_tokens:,} tokens, "
+            f"eval_fraction {eval_fraction:g}): too few for its loss to mean much; raise data.eval_fraction, "
+            "give more data, or score a separate data.eval source")
 
 
 def tokenize_sources(specs: list[SourceSpec], tokenizer, eos_id: int, cache_dir: Path, eval_fraction: float,

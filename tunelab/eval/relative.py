@@ -103,23 +103,22 @@ def _num(value, signed: bool = False) -> str:
 
 def render_relative(table: dict, console=None) -> None:
     """Print the table (domains x models, delta from the base in brackets), per-model summaries, footnotes."""
-    import sys
-
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    from tunelab.console import table_console
+
+    console = console or table_console()
     base = table["base"]
     title = f"eval: {table['metric']}" + (f" (delta from base {base['name']})" if base else "")
     console.print(title, markup=False, highlight=False, style="bold")
     grid = Table()
     for col in ("domain", "role", "split"):
-        grid.add_column(col)
+        grid.add_column(col, overflow="fold")  # names are never cut short ("quickstart-code…")
     if base:
-        grid.add_column(f"base {base['name']}", justify="right")
+        grid.add_column(f"base {base['name']}", justify="right", overflow="fold")
     for run in table["runs"]:
-        grid.add_column(run["name"], justify="right")
+        grid.add_column(run["name"], justify="right", overflow="fold")
     for row in table["rows"]:
         line = [row["domain"], row["role"], row["split"]]
         if base:

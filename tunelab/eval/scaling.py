@@ -228,12 +228,11 @@ def svg_plot(result: dict, width: int = 640, height: int = 400) -> str:
 
 def render_fit(result: dict, console=None) -> None:
     """Print the points, the fitted law with 95% intervals, and the extrapolation."""
-    import sys
-
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    from tunelab.console import table_console
+
+    console = console or table_console()
     table = Table(title=f"scaling: final {result['metric']} on {result['domain']} ({result['params']} parameters)")
     for col in ("run", "N", "D", "C = 6ND", result["metric"]):
         table.add_column(col, justify="left" if col == "run" else "right")

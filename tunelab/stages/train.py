@@ -25,6 +25,7 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     from tunelab.train.loop import train
     from tunelab.train.progress import ProgressBar
     from tunelab.train.schedules import describe as describe_schedule
+    from tunelab.train.schedules import warning as schedule_warning
 
     method = create_method(cfg.method.name, cfg.method.options)
     objective = create_objective(cfg.objective.name, cfg.objective.options)
@@ -67,6 +68,8 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
         log(f"continuing from {carried['from']}: carried over {', '.join(carried['carried'])}; "
             f"reset {', '.join(carried['reset'])}")
     log(f"LR schedule: {describe_schedule(cfg.train.schedule, cfg.train.max_steps)}")
+    if schedule_warning(cfg.train.schedule, cfg.train.max_steps):
+        log(schedule_warning(cfg.train.schedule, cfg.train.max_steps))
     if data.replay_sources:
         log(f"replay: {cfg.data.replay.fraction:.1%} of every global batch from "
             + ", ".join(s.domain for s in data.replay_sources))

@@ -245,7 +245,7 @@ def describe(cfg: ScheduleConfig, total: int) -> str:
     if name == "constant":
         parts.append("constant 1")
     elif name in ("linear", "cosine"):
-        parts.append(f"{name} decay to {lo} over {after}")
+        parts.append(f"{name} decay to {lo} over {after}" if after else "no decay")
     elif name == "inverse_sqrt":
         parts.append(f"1/sqrt(step) decay, floor {lo}")
     elif name == "wsd":
@@ -265,3 +265,18 @@ def describe(cfg: ScheduleConfig, total: int) -> str:
         each += ["stable", f"{cfg.decay_shape} decay to {lo} over {decays}"]
         parts = [f"{len(cfg.periods)} periods ({lengths} steps), each: " + ", ".join(each)]
     return f"{name}: " + ", ".join(parts)
+
+
+def warning(cfg: ScheduleConfig, total: int) -> str | None:
+    """One line when the warmup leaves no room for the schedule (e.g. 20 warmup steps in a 20-step run:
+    the LR peaks at the last step). Warned, not scaled: the recipe's warmup_steps mean what they say,
+    and a resumed run with a longer train.max_steps keeps the same warmup."""
+    if cfg.name in ("anneal", "multi_wsd") or not cfg.warmup_steps:  # multi_wsd: checked per period in the config
+        return None
+    if cfg.warmup_steps >= total:
+        return (f"warning: train.schedule.warmup_steps={cfg.warmup_steps} is the whole run (train.max_steps={total}): "
+                "the LR rises until the last step and never reaches its planned schedule; lower warmup_steps")
+    if cfg.name == "wsd" and cfg.warmup_steps + _decay_len(cfg.decay_fraction, total) > total:
+        return (f"warning: train.schedule.warmup_steps={cfg.warmup_steps} overlaps the wsd decay (its last "
+                f"{_decay_len(cfg.decay_fraction, total)} of {total} steps): the decay starts before the warmup ends")
+    return None
