@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from html import escape
+from pathlib import Path
 
 from tunelab.report import svg
 from tunelab.report.collect import Entry, EvalStage, summary
@@ -44,11 +45,18 @@ p.note, .muted { color: var(--muted); font-size: 14px; margin: 4px 0 10px; }
 .warnings { border: 1px solid #e7c36b; background: #fff8e5; color: var(--warn); border-radius: 6px;
             padding: 8px 14px; margin: 16px 0; font-size: 14px; }
 .warnings ul { margin: 4px 0; padding-left: 20px; }
-.table-wrap { overflow-x: auto; margin: 8px 0 6px; }
+/* A table wider than the window scrolls inside its own box, never the page; the shadows at its edges (drawn
+   only where there is more to scroll to) show that it does, also where scrollbars are hidden until used. */
+.table-wrap { overflow-x: auto; margin: 8px 0 6px; max-width: 100%;
+  background: linear-gradient(to right, #fff 30%, #fff0) left / 40px 100% no-repeat local,
+              linear-gradient(to left, #fff 30%, #fff0) right / 40px 100% no-repeat local,
+              radial-gradient(farthest-side at 0 50%, #0003, #0000) left / 14px 100% no-repeat scroll,
+              radial-gradient(farthest-side at 100% 50%, #0003, #0000) right / 14px 100% no-repeat scroll; }
 table { border-collapse: collapse; font-size: 14px; }
 th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top;
          white-space: nowrap; }
 thead th { background: var(--bg-soft); font-weight: 600; border-bottom: 2px solid var(--line); }
+thead th, table.final td { white-space: normal; }  /* run names and value (delta) wrap before the table scrolls */
 th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num .delta { display: inline-block; min-width: 5.2em; color: var(--muted); }
 td.num .delta.up { color: var(--bad); }
@@ -180,11 +188,28 @@ def _eval_series(domain: str, key: str, role: str | None = None):
     return points
 
 
+# What a run's training loss is, by objective: (caption, y-axis title). The number differs in kind between
+# them (a preference loss is per pair, ~0.69 at the start), so each objective gets its own plot.
+OBJECTIVE_LOSS = {"clm": ("next-token cross-entropy", LOSS_UNIT),
+                  "mlm": ("masked-token cross-entropy", "masked-token loss (nats/token)"),
+                  "dpo": ("DPO: −log σ(β · reward margin vs the reference), mean over pairs", "DPO loss (per pair)"),
+                  "simpo": ("SimPO: −log σ(β · length-normalised margin − γ), mean over pairs", "SimPO loss (per pair)"),
+                  "orpo": ("ORPO: chosen NLL per token + β · odds-ratio loss", "ORPO loss (NLL + β·OR)")}
+
+
 def training_plots(entries: list[Entry], groups: dict[str, list[Entry]]) -> str:
+    """Training loss per (objective, tokenizer), never overlaid across them; LR, gradient norm, throughput."""
     figures = []
-    for fingerprint, members in groups.items():
-        note = f"tokenizer {fingerprint[:8]}" if len(groups) > 1 else ""
-        figures.append(_figure("Training loss", note, _train_series("loss"), LOSS_UNIT, members))
+    objectives = list(dict.fromkeys(e.objective or "clm" for e in entries if e.has_metrics))
+    for objective in objectives:
+        what, unit = OBJECTIVE_LOSS.get(objective, (f"{objective} objective", f"{objective} loss"))
+        for fingerprint, members in groups.items():
+            members = [e for e in members if (e.objective or "clm") == objective]
+            notes = [what] if objective != "clm" or len(objectives) > 1 else []
+            notes += [f"tokenizer {fingerprint[:8]}"] if len(groups) > 1 else []
+            title = "Training loss" + (f": {objective}" if len(objectives) > 1 else "")
+            if members:
+                figures.append(_figure(title, "; ".join(notes), _train_series("loss"), unit, members))
     figures.append(_figure("Learning rate schedule", "", _train_series("lr"), "learning rate", entries))
     figures.append(_figure("Gradient norm", "before clipping", _train_series("grad_norm"),
                            "global gradient norm (L2)", entries))
@@ -242,7 +267,8 @@ def runs_table(entries: list[Entry]) -> str:
         cells = [f"{_run_link(entry)}{badge}", escape(s["stage"] or "–"), escape(s["method"] or "–"),
                  _int(s["parameters"]), _int(s["trainable"]), _int(s["steps"]), _int(s["tokens"]),
                  _duration(s["wall_s"]), _int(s["tokens_per_s"]), escape(s["precision"] or "–"),
-                 _num(s["train_loss"]), f'<span class="mono">{escape((s["tokenizer"] or "–")[:8])}</span>']
+                 _num(s["train_loss"]) + (f" ({escape(entry.objective)})" if entry.objective not in (None, "clm") else ""),
+                 f'<span class="mono">{escape((s["tokenizer"] or "–")[:8])}</span>']
         rows.append("<tr>" + "".join(f'<td class="num">{c}</td>' if h in numeric else f"<td>{c}</td>"
                                      for h, c in zip(head, cells)) + "</tr>")
     header = "".join(f'<th class="num">{h}</th>' if h in numeric else f"<th>{h}</th>" for h in head)
@@ -291,7 +317,7 @@ def final_table(table: dict, entries_by_path: dict[str, Entry]) -> str:
              "evaluation: red = worse (forgetting on a reference domain), green = better. "
              "* = the run's worst forgetting."]
     notes += table["footnotes"]
-    return (f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+    return (f'<div class="table-wrap"><table class="final"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
             + "".join(f'<p class="note">{escape(n)}</p>' for n in notes))
 
 
@@ -311,34 +337,62 @@ def _scores_table(columns: dict[str, dict], metrics=("loss", "bpb")) -> str:
     return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def eval_stages_table(stages: list[EvalStage]) -> str:
+def eval_stages_table(stages: list[EvalStage], shown: PathRule) -> str:
     columns = {s.name: s.results for s in stages}
-    note = "".join(f'<p class="note">{escape(s.name)}: {escape(s.model or "model not recorded")}</p>' for s in stages)
+    note = "".join(f'<p class="note">{escape(s.name)} scored '
+                   + (shown.parent({"path": s.model}) if s.model else "a model it did not record (an eval.json "
+                      "written before tunelab recorded it)")
+                   + (f' <span class="muted mono">{escape(s.model_sha256[:12])}</span>' if s.model_sha256 else "")
+                   + "</p>" for s in stages)
     return _scores_table(columns) + note
 
 
 # ---------------------------------------------------------------- per-run details
 
 
-def _parents(entry: Entry) -> str:
+class PathRule:
+    """How the page names a directory, the same for every run whatever its lineage.json recorded (relative or
+    absolute, a temp dir): a run in the report by its name, linked to its details (the name the tables, plots
+    and graph use); any other path relative to the report's folder when it lies inside it (the page and its
+    runs move together), else absolute."""
+
+    def __init__(self, report_dir: Path, entries: list[Entry]):
+        self.report_dir = Path(report_dir).resolve()
+        self.runs = {str(e.path.resolve()): e for e in entries}
+
+    def path(self, path) -> str:
+        full = Path(str(path)).expanduser().resolve()
+        return str(full.relative_to(self.report_dir)) if full.is_relative_to(self.report_dir) else str(full)
+
+    def parent(self, parent: dict) -> str:
+        where = parent.get("run") or parent.get("path")
+        if not where:
+            return f'<span class="mono">{escape(str(parent.get("preset") or parent.get("id") or parent.get("kind")))}</span>'
+        for candidate in (where, parent.get("path"), Path(str(where)).parent):
+            entry = self.runs.get(str(Path(str(candidate)).expanduser().resolve())) if candidate else None
+            if entry is not None:
+                return _run_link(entry)
+        return f'<span class="mono">{escape(self.path(where))}</span>'
+
+
+def _parents(entry: Entry, shown: PathRule) -> str:
     parents = (entry.lineage or {}).get("parents") or []
     parts = []
     for p in parents:
         if not isinstance(p, dict):
             continue
-        what = p.get("run") or p.get("path") or p.get("preset") or p.get("id") or p.get("kind")
         digest = p.get("weights_sha256") or p.get("sha256") or p.get("weights_sha256_in_memory")
-        parts.append(f"{escape(str(p.get('role', 'parent')))}: <span class=\"mono\">{escape(str(what))}</span>"
+        parts.append(f"{escape(str(p.get('role', 'parent')))}: {shown.parent(p)}"
                      + (f' <span class="muted mono">{escape(str(digest)[:12])}</span>' if digest else ""))
     return "<br>".join(parts) or "–"
 
 
-def run_section(entry: Entry) -> str:
+def run_section(entry: Entry, shown: PathRule) -> str:
     lin = entry.lineage or {}
     env = entry.env or {}
-    facts = [("directory", f'<span class="mono">{escape(str(entry.path))}</span>'),
+    facts = [("directory", f'<span class="mono">{escape(shown.path(entry.path))}</span>'),
              ("stage", escape(entry.stage) + (f" · {escape(entry.method)}" if entry.method else "")),
-             ("from", _parents(entry))]
+             ("from", _parents(entry, shown))]
     data = [d for d in lin.get("data", []) if isinstance(d, dict)]
     if data:
         facts.append(("data", "<br>".join(
