@@ -319,7 +319,7 @@ def test_paths_follow_one_rule_and_an_eval_stage_links_the_model_its_eval_json_n
     assert str(elsewhere.resolve()) in shown and f"init: {tmp_path.resolve() / 'hub' / 'model'}" in shown
     # The eval stage's eval.json names the pruned model: drawn as an edge, with the weights hash it recorded.
     assert (str(runs["pruned"].resolve()), "eval:score") in _drawn_edges(page)
-    assert "score scored" in page and "model not recorded" not in page
+    assert "score scored" in page and "not recorded" not in page
 
 
 def test_eval_record_names_the_model_scored(tmp_path):

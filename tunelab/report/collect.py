@@ -112,14 +112,12 @@ class Entry:
     @cached_property
     def objective(self) -> str | None:
         """clm, mlm, dpo, ... from config.yaml (objective_of); None without one (a merge's output)."""
-        if not self.config_text or not (self.path / "config.yaml").is_file():
-            return None
         import yaml
 
         try:
-            config = yaml.safe_load(self.config_text)
+            config = yaml.safe_load(self.config_text) if (self.path / "config.yaml").is_file() else None
         except yaml.YAMLError:
-            return None
+            config = None
         return objective_of(config) if isinstance(config, dict) else None
 
     @property
@@ -150,25 +148,14 @@ def expand(args: list[str | Path], warn=None) -> tuple[list[Path], list[EvalStag
     expanded here), or folders holding runs (a pipeline's output, runs/). What a glob matches that is not a
     run (runs/quickstart-report.html beside the runs) is skipped, with a note to `warn`; an argument that
     names no run at all raises RunDirError."""
-    found: list[Path] = []
+    found: dict[str, Path] = {}  # by resolved path: a run named twice is listed once
     evals: list[EvalStage] = []
-
-    def add(path: Path, kind: str) -> None:
-        if kind == "run":
-            found.append(path)
-        elif kind == "op-stage":
-            found.append(path / "final")
-        else:
-            evals.append(EvalStage(path.name, _read_json(path / "eval.json") or {}))
 
     def runs_in(path: Path) -> list[tuple[Path, str]]:
         if path.is_file() and path.name in ("metrics.jsonl", "lineage.json", "config.yaml"):
             path = path.parent
-        kind = _kind(path)
-        if kind is not None:
-            return [(path, kind)]
-        inside = [(c, _kind(c)) for c in sorted(path.iterdir()) if c.is_dir()] if path.is_dir() else []
-        return [(c, k) for c, k in inside if k is not None]
+        inside = [path] if _kind(path) else sorted(c for c in path.iterdir() if c.is_dir()) if path.is_dir() else []
+        return [(c, _kind(c)) for c in inside if _kind(c)]
 
     for arg in args:
         text = str(arg)
@@ -181,25 +168,20 @@ def expand(args: list[str | Path], warn=None) -> tuple[list[Path], list[EvalStag
                 raise RunDirError(f"RUN: {path} is not a run directory (no metrics.jsonl, config.yaml or "
                                   f"lineage.json) and holds none; {HINT}")
         else:
-            matches = [Path(p) for p in sorted(glob.glob(str(path)))]
-            named, skipped = [], []
-            for match in matches:
-                runs = runs_in(match)
-                named += runs
-                skipped += [] if runs else [match.name]
+            matches = [(Path(p), runs_in(Path(p))) for p in sorted(glob.glob(str(path)))]
+            named = [run for _, runs in matches for run in runs]
             if not named:
-                raise RunDirError(f"RUN: {text} matches {'nothing' if not matches else 'no run directory'}; {HINT}")
+                raise RunDirError(f"RUN: {text} matches {'no run directory' if matches else 'nothing'}; {HINT}")
+            skipped = [match.name for match, runs in matches if not runs]
             if skipped and warn is not None:
                 warn(f"{text}: skipped what is not a run directory: {', '.join(skipped)}")
         for where, kind in named:
-            add(where, kind)
-    unique, seen = [], set()
-    for path in found:
-        key = str(path.resolve())
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique, evals
+            if kind == "eval":
+                evals.append(EvalStage(where.name, _read_json(where / "eval.json") or {}))
+            else:
+                where = where / "final" if kind == "op-stage" else where
+                found.setdefault(str(where.resolve()), where)
+    return list(found.values()), evals
 
 
 def _read_json(path: Path) -> dict | None:

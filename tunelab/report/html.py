@@ -340,8 +340,7 @@ def _scores_table(columns: dict[str, dict], metrics=("loss", "bpb")) -> str:
 def eval_stages_table(stages: list[EvalStage], shown: PathRule) -> str:
     columns = {s.name: s.results for s in stages}
     note = "".join(f'<p class="note">{escape(s.name)} scored '
-                   + (shown.parent({"path": s.model}) if s.model else "a model it did not record (an eval.json "
-                      "written before tunelab recorded it)")
+                   + (shown.parent({"path": s.model}) if s.model else "a model not recorded (an older eval.json)")
                    + (f' <span class="muted mono">{escape(s.model_sha256[:12])}</span>' if s.model_sha256 else "")
                    + "</p>" for s in stages)
     return _scores_table(columns) + note
@@ -368,10 +367,9 @@ class PathRule:
         where = parent.get("run") or parent.get("path")
         if not where:
             return f'<span class="mono">{escape(str(parent.get("preset") or parent.get("id") or parent.get("kind")))}</span>'
-        for candidate in (where, parent.get("path"), Path(str(where)).parent):
-            entry = self.runs.get(str(Path(str(candidate)).expanduser().resolve())) if candidate else None
-            if entry is not None:
-                return _run_link(entry)
+        for candidate in filter(None, (parent.get("run"), parent.get("path"))):
+            if str(Path(str(candidate)).expanduser().resolve()) in self.runs:
+                return _run_link(self.runs[str(Path(str(candidate)).expanduser().resolve())])
         return f'<span class="mono">{escape(self.path(where))}</span>'
 
 

@@ -329,7 +329,6 @@ def render_svg(graph: Graph) -> str:
     # Each label goes where it covers no other: the middle of the gap before its child, else nearer one end of
     # the gap (still on its edge), else the middle moved down below the labels in the way.
     placed: list[tuple[float, float, float, float]] = []
-    texts = []
     for e, curve, child_x in sorted(labels, key=lambda item: (item[2], _at_x(*item[1], item[2] - GAP / 2)[1])):
         roles = _wrap(e.label[0], GAP - 8)
         lines = roles + [_truncate(line, 18) for line in e.label[1:]]
@@ -337,22 +336,16 @@ def render_svg(graph: Graph) -> str:
         h = LINE * len(lines) + 2
         left, right = child_x - GAP + 2 + w / 2, child_x - 4 - w / 2
         spots = [child_x - GAP / 2] + ([left, right] if left < right else [])
-        for lx in spots:
-            ly = _at_x(*curve, lx)[1]
-            box = (lx - w / 2, ly - h / 2, lx + w / 2, ly + h / 2)
-            if not any(_overlaps(box, other) for other in placed):
-                break
-        else:
-            lx = spots[0]
-            box = (lx - w / 2, _at_x(*curve, lx)[1] - h / 2, lx + w / 2, _at_x(*curve, lx)[1] + h / 2)
-            while any(_overlaps(box, other) for other in placed):
-                top = max(other[3] for other in placed if _overlaps(box, other)) + 1
-                box = (box[0], top, box[2], top + h)
+        boxes = [(lx - w / 2, ly - h / 2, lx + w / 2, ly + h / 2) for lx in spots for ly in [_at_x(*curve, lx)[1]]]
+        box = next((b for b in boxes if not any(_overlaps(b, other) for other in placed)), boxes[0])
+        while any(_overlaps(box, other) for other in placed):
+            top = max(other[3] for other in placed if _overlaps(box, other)) + 1
+            box = (box[0], top, box[2], top + h)
         placed.append(box)
         tspans = "".join(f'<tspan x="{(box[0] + box[2]) / 2:.1f}" y="{box[1] + 1 + LINE * i + 9.5:.1f}" '
-                         f'class="{"hash" if i >= len(roles) else "role"}">{escape(line)}</tspan>' for i, line in enumerate(lines))
-        texts.append(f'<text class="edge-label" text-anchor="middle">{tspans}</text>')
-    out.extend(texts)
+                         f'class="{"hash" if i >= len(roles) else "role"}">{escape(line)}</tspan>'
+                         for i, line in enumerate(lines))
+        out.append(f'<text class="edge-label" text-anchor="middle">{tspans}</text>')
     height = max([height] + [box[3] + PAD for box in placed])
     for n in nodes.values():
         cls = f"node node-{n.kind}" + ("" if n.entry is not None or n.kind in ("data", "eval") else " outside")
