@@ -57,6 +57,9 @@ th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: le
          white-space: nowrap; }
 thead th { background: var(--bg-soft); font-weight: 600; border-bottom: 2px solid var(--line); }
 thead th, table.final td { white-space: normal; }  /* run names and value (delta) wrap before the table scrolls */
+.nowrap { white-space: nowrap; }
+table.final th, table.final td { padding: 5px 6px; }
+table.final td.num .delta { min-width: 0; }
 th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num .delta { display: inline-block; min-width: 5.2em; color: var(--muted); }
 td.num .delta.up { color: var(--bad); }
@@ -301,7 +304,7 @@ def final_table(table: dict, entries_by_path: dict[str, Entry]) -> str:
                 delta_html = f'<span class="delta {cls}">({delta:+.4f})</span>'
             star = '<span class="star" title="worst forgetting of the run">*</span>' if cell["worst"] \
                 else '<span class="star"></span>'
-            cells.append(f'<td class="num">{cell["value"]:.4f} {delta_html}{star}</td>')
+            cells.append(f'<td class="num">{cell["value"]:.4f} <span class="nowrap">{delta_html}{star}</span></td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     summaries = []
     for r in runs:
