@@ -19,6 +19,7 @@ from report_runs import TOKENIZER, curve, make_lifecycle, make_many, write_run
 from tunelab.errors import RunDirError
 from tunelab.report import write_report
 from tunelab.report.collect import EvalStage, expand, load, objective_of, summary, wall_seconds
+from tunelab.report.lineage import build_graph, render_svg
 from tunelab.report.svg import fmt, line_plot, nice_ticks, text_width
 from tunelab.runs import lineage_dir
 
@@ -332,3 +333,27 @@ def test_eval_record_names_the_model_scored(tmp_path):
     assert record["model"] == {"path": str(runs["soup"].resolve()), "weights_sha256": weight_files_sha256(runs["soup"])}
     stage = EvalStage("score", json.loads(json.dumps(record)))
     assert stage.model == str(runs["soup"].resolve()) and set(stage.results) == {"prose"}
+
+
+def test_lineage_edge_labels_cover_neither_each_other_nor_nodes(tmp_path):
+    """The layout's own arithmetic (the browser test measures the drawn boxes): 14 runs, a merge of checkpoints
+    whose labels are wider than the gap between columns."""
+    runs = make_many(tmp_path / "runs")
+    graph = build_graph(load(expand([str(tmp_path / "runs" / "*")])[0], print))
+    svg = render_svg(graph)
+    nodes = [tuple(map(float, m)) for m in re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="168" height="54"', svg)]
+    nodes = [(x, y, x + 168, y + 54) for x, y in nodes]
+    labels = []
+    for text in re.findall(r'<text class="edge-label"[^>]*>(.*?)</text>', svg):
+        lines = re.findall(r'<tspan x="([\d.]+)" y="([\d.]+)" class="\w+">([^<]*)</tspan>', text)
+        width = max(len(line) for _, _, line in lines) * 6.1  # a glyph of these fonts: at most ~0.56 em
+        cx, first, last = float(lines[0][0]), float(lines[0][1]), float(lines[-1][1])
+        labels.append((cx - width / 2, first - 10, cx + width / 2, last + 3))
+    assert len(labels) >= 14 and any("@step" in t for t in re.findall(r"<tspan[^>]*>([^<]*)<", svg))
+    assert str(runs["soup"].resolve().parent) in svg  # the merge is in the graph
+    for i, a in enumerate(labels):
+        assert not any(_boxes_overlap(a, b) for b in labels[i + 1:] + nodes), a
+
+
+def _boxes_overlap(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
