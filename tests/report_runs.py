@@ -143,3 +143,69 @@ def make_lifecycle(root: Path) -> dict[str, Path]:
     (score / "eval.json").write_text(json.dumps({"code": {"loss": 4.1, "ppl": 60.3, "bpb": 1.95, "split": "held-out"},
                                                  "prose": {"loss": 4.35, "ppl": 77.5, "bpb": 2.07, "split": "held-out"}}))
     return {"base": base, "cont": cont, "lora": lora, "soup": soup, "score": score / "eval.json"}
+
+
+def make_many(root: Path) -> dict[str, Path]:
+    """Fourteen runs under root, the size where the report's layout used to fail: a base, four continuations,
+    a further one, two adapters, SFT, DPO (written by an older tunelab: `method: dpo`), SimPO (`objective:`),
+    an MLM run, a merge and a pruned model (masks.safetensors beside its weights) scored by an eval stage whose
+    eval.json names it. The learning rate (3e-3 and below) has tick labels like 0.0025."""
+    domains = ("prose", "code", "math", "legal")
+    runs: dict[str, Path] = {}
+
+    def lineage(name: str, parent: Path | None, data: list[str], method: str = "full", stage: str = "pretrain") -> dict:
+        parents = ([{"role": "init", "kind": "local", "path": str((parent / "final").resolve()), "run": str(parent.resolve()),
+                     "weights_sha256": hashlib_hex(name)}] if parent else
+                   [{"role": "init", "kind": "preset", "preset": "llama-tiny", "overrides": {}}])
+        return {"name": name, "stage": stage, "parents": parents, "tokenizer": {"source": "trained", "fingerprint": TOKENIZER},
+                "data": [_data(f"builtin:{d}", d, hashlib_hex(d)) for d in data], "method": {"name": method, "options": {}}}
+
+    def run(name: str, parent: Path | None, target: str, config: str, method: str = "full", start: float = 8.0,
+            end: float = 4.0, stage: str = "pretrain", lr: float = 3e-3) -> Path:
+        evals = {d: ("target" if d == target else "reference", 6.0 + i * 0.3, 4.0 + i * 0.2) for i, d in enumerate(domains)}
+        path = write_run(root / name, curve(100, 10, 25, evals, start=start, end=end, lr=lr, eval_at_start=parent is not None),
+                         lineage(name, parent, [target], method, stage), config=config)
+        _fake_weights(path / "final", {"embed": [4096, 128], "layers.0.w": [128, 512]})
+        runs[name] = path
+        return path
+
+    base = run("base-prose-pretrain", None, "prose", "name: base\ntrain:\n  lr: 3.0e-3\n")
+    conts = [run(f"continued-{d}-replay", base, d, "name: c\n") for d in ("code", "math", "legal")]
+    run("continued-code-plain", base, "code", "name: p\n")
+    run("continued-code-replay-long", conts[0], "code", "name: l\n")
+    for cont in conts[:2]:
+        run(f"{cont.name}-lora", cont, cont.name.split("-")[1], "name: a\nmethod:\n  name: lora\n", method="lora",
+            stage="finetune")
+    sft = run("sft-chat", base, "prose", "name: s\n", stage="finetune")
+    run("dpo-old-shape", sft, "prose", "name: d\nmethod:\n  name: dpo\n  options:\n    tuning: {name: lora}\n"
+        "train:\n  objective: clm\n", method="dpo", start=0.6931, end=0.52, stage="finetune")
+    run("simpo-new-shape", sft, "prose", "name: n\nobjective:\n  name: simpo\nmethod:\n  name: full\n",
+        start=1.4, end=0.9, stage="finetune")
+    run("mlm-encoder", None, "prose", "name: m\ntrain:\n  objective: mlm\n", start=9.0, end=5.5)
+    soup = root / "soup" / "final"
+    _fake_weights(soup, {"embed": [4096, 128], "layers.0.w": [128, 512]})
+    (soup / "lineage.json").write_text(json.dumps({
+        "name": "soup", "stage": "merge", "method": {"name": "ties", "options": {}}, "tokenizer": {"fingerprint": TOKENIZER},
+        "parents": [{"role": "merge-input", "path": str((c / "final").resolve()), "weights_sha256": hashlib_hex(c.name),
+                     "weight": 1 / 3, "checkpoint_step": 100} for c in conts]}))  # labels wider than the gap
+    (soup / "merge.json").write_text(json.dumps({"name": "soup", "recipe": {"kind": "merge", "method": "ties"}}))
+    pruned = root / "pruned" / "final"
+    _fake_weights(pruned, {"embed": [4096, 128], "layers.0.w": [128, 3136], "norm": [640]})  # 926,336 parameters
+    _fake_weights(pruned, {"layers.0.w": [128, 3136]}, name="masks.safetensors")  # 401,408 mask entries
+    (pruned / "lineage.json").write_text(json.dumps({
+        "name": "pruned", "stage": "prune", "method": {"name": "wanda", "options": {}}, "tokenizer": {"fingerprint": TOKENIZER},
+        "parents": [{"role": "pruned-from", "path": str(soup.resolve()), "weights_sha256": hashlib_hex("soup")}]}))
+    (pruned / "prune.json").write_text(json.dumps({"name": "pruned", "recipe": {"kind": "prune", "method": "wanda"}}))
+    runs.update(soup=soup, pruned=pruned)
+    score = root / "score"
+    score.mkdir()
+    (score / "eval.json").write_text(json.dumps({
+        "prose": {"loss": 4.4, "ppl": 81.5, "bpb": 2.1, "split": "held-out"},
+        "model": {"path": str(pruned.resolve()), "weights_sha256": hashlib_hex("pruned")}}))
+    return runs
+
+
+def hashlib_hex(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()

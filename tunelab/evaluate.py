@@ -48,6 +48,16 @@ def load(model_dir: str, base: str | None = None) -> tuple:
     return models.load_model(model_dir, field="MODEL_DIR", base=base), tokenizer
 
 
+def eval_record(results: dict, model_dir: str) -> dict:
+    """What an eval stage writes to eval.json: the scores per domain and, under "model", the model they are
+    of ({"path" (absolute), "weights_sha256"}), so a report made later still links the two."""
+    from tunelab.runs import weight_files_sha256
+
+    path = Path(model_dir).expanduser()
+    model = {"path": str(path.resolve()), "weights_sha256": weight_files_sha256(path)} if path.is_dir() else {"path": str(model_dir)}
+    return {**results, "model": model}
+
+
 def source_specs(sources: list[str]) -> list:
     return [validate(s, "--data", SourceSpec) for s in _as_source_list(sources)]
 

@@ -186,12 +186,12 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
         stage_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(record, json.dumps({"key": key, "kind": stage.kind, "upstream": upstream, "status": "running"}))
         if stage.kind == EVAL_KIND:
-            from tunelab.evaluate import evaluate_model
+            from tunelab.evaluate import eval_record, evaluate_model
 
             log(f"[{stage.name}] eval {resolved['target']} on {', '.join(resolved['data'])}")
             results = evaluate_model(resolved["target"], resolved["data"], seq_len=stage.seq_len,
                                      max_tokens=stage.max_tokens, split=stage.split, log=log)
-            atomic_write(outputs[stage.name], json.dumps(results, indent=2))
+            atomic_write(outputs[stage.name], json.dumps(eval_record(results, resolved["target"]), indent=2))
         else:
             log(f"[{stage.name}] {stage.kind} {recipe_path.name} -> {stage_dir}")
             trains = _trains(stage.kind)  # an operation writes its model straight to <stage>/final

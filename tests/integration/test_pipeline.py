@@ -47,6 +47,13 @@ def test_stage_keys_skip_rerun_and_never_overwrite(tmp_path):
     assert ">base</a>" in report and ">tuned</a>" in report
     assert f'data-src="{(root / "base").resolve()}" data-dst="{(root / "tuned").resolve()}"' in report
     assert f'data-src="{(root / "tuned").resolve()}" data-dst="eval:score"' in report
+    # A report made later, outside the pipeline, still links the eval stage to the model: eval.json names it.
+    scored = json.loads((root / "score" / "eval.json").read_text())["model"]
+    assert scored["path"] == str((root / "tuned" / "final").resolve()) and len(scored["weights_sha256"]) == 64
+    from tunelab.report import write_report
+
+    later = write_report([root], tmp_path / "later.html", warn=lambda message: None).read_text()
+    assert f'data-src="{(root / "tuned").resolve()}" data-dst="eval:score"' in later
 
     # Unchanged: everything is skipped (nothing re-trained: the run directories are untouched).
     stamp = (root / "tuned" / "metrics.jsonl").stat().st_mtime_ns

@@ -96,6 +96,9 @@ def test_shipped_pipeline_at_toy_scale_and_skips_done_stages(tmp_path, corpus_di
         assert lineage["parents"][0]["path"] == str((root / "base" / "final").resolve()), stage
     for stage in ("score-base", "score-code-full", "score-code-bitfit", "score-code-lora"):
         scores = json.loads((root / stage / "eval.json").read_text())
+        scored = scores.pop("model")  # eval.json names the model it scored (the report links the two)
+        assert scored["path"] == str((root / stage.removeprefix("score-") / "final").resolve()), stage
+        assert scored["weights_sha256"] and len(scored["weights_sha256"]) == 64, stage
         assert set(scores) == {"prose", "code"} and all(v["bpb"] > 0 for v in scores.values()), stage
 
     second = run_cli(*args)
@@ -200,4 +203,4 @@ def test_shipped_prune_pipeline_at_toy_scale(tmp_path):
     shrunk = json.loads((root / "ffn" / "final" / "config.json").read_text())
     assert shrunk["intermediate_size"] == 352 - 88  # a quarter of llama-tiny's FFN neurons removed
     assert (root / "ffn-recovered" / "final" / "adapter_config.json").is_file()
-    assert set(json.loads((root / "score" / "eval.json").read_text())) == {"prose", "code"}
+    assert set(json.loads((root / "score" / "eval.json").read_text())) == {"prose", "code", "model"}

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from report_runs import TOKENIZER, curve, make_lifecycle, write_run
+from report_runs import TOKENIZER, curve, make_lifecycle, make_many, write_run
 from tunelab.errors import RunDirError
 from tunelab.report import write_report
-from tunelab.report.collect import EvalStage, expand, load, summary, wall_seconds
-from tunelab.report.svg import fmt, line_plot, nice_ticks
+from tunelab.report.collect import EvalStage, expand, load, objective_of, summary, wall_seconds
+from tunelab.report.lineage import build_graph, render_svg
+from tunelab.report.svg import fmt, line_plot, nice_ticks, text_width
 from tunelab.runs import lineage_dir
 
 
@@ -233,3 +234,126 @@ def test_the_report_imports_no_torch(lifecycle, tmp_path):
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------- issue 27: what a new user met
+
+
+def test_a_glob_skips_what_is_not_a_run_and_an_explicit_non_run_stays_an_error(lifecycle, tmp_path):
+    root = lifecycle["base"].parent
+    (root / "pipe-report.html").write_text("<html></html>")  # written beside the runs, as the quickstart does
+    (root / "notes").mkdir()
+    said = []
+    paths, evals = expand([f"{root}/*"], warn=said.append)
+    assert [p.name for p in paths] == ["base", "cont", "lora", "final"] and [e.name for e in evals] == ["score"]
+    assert said == [f"{root}/*: skipped what is not a run directory: notes, pipe-report.html"]
+    ok = run_cli("report", f"{root}/*", "-o", str(tmp_path / "r.html"))
+    assert ok.returncode == 0, ok.stderr
+    assert "skipped what is not a run directory: notes, pipe-report.html" in ok.stderr
+    for explicit in (root / "notes", root / "pipe-report.html"):
+        bad = run_cli("report", str(explicit), "-o", str(tmp_path / "r2.html"))
+        assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+        assert "is not a run directory" in bad.stderr
+    with pytest.raises(RunDirError, match="matches no run directory"):
+        expand([f"{root}/*.html"])
+
+
+def test_a_pruned_model_counts_its_weights_not_its_masks(tmp_path):
+    runs = make_many(tmp_path / "runs")
+    entry = load([runs["pruned"]], print)[0]
+    assert summary(entry)["parameters"] == 926_336  # masks.safetensors (401,408 entries) is not counted
+    page, _ = _report([runs["pruned"]], tmp_path / "r.html")
+    assert '<td class="num">926,336</td>' in page and "1,327,744" not in page
+
+
+def test_objective_of_reads_both_config_shapes():
+    assert objective_of({"objective": {"name": "dpo", "options": {"beta": 0.1}}, "method": {"name": "lora"}}) == "dpo"
+    assert objective_of({"method": {"name": "dpo", "options": {"tuning": {"name": "lora"}}},
+                         "train": {"objective": "clm"}}) == "dpo"  # written before `objective:` existed
+    assert objective_of({"method": {"name": "full"}, "train": {"objective": "mlm"}}) == "mlm"
+    assert objective_of({"method": {"name": "lora"}}) == "clm" and objective_of({}) == "clm"
+
+
+def test_each_objective_gets_its_own_loss_plot_labelled_with_what_it_is(tmp_path):
+    runs = make_many(tmp_path / "runs")
+    page, _ = _report([runs[k] for k in ("base-prose-pretrain", "dpo-old-shape", "simpo-new-shape", "mlm-encoder")],
+                      tmp_path / "r.html")
+    figures = re.findall(r'<figure><figcaption>Training loss.*?</figure>', page, flags=re.S)
+    captions = [re.search(r"<figcaption>(.*?)</figcaption>", f).group(1) for f in figures]
+    assert [c.split(" <span")[0] for c in captions] == ["Training loss: clm", "Training loss: dpo",
+                                                         "Training loss: simpo", "Training loss: mlm"]
+    units = [set(re.findall(r'class="axis-label"[^>]*rotate\(-90\)[^>]*>([^<]+)<', f)) for f in figures]
+    assert units == [{"loss (nats/token)"}, {"DPO loss (per pair)"}, {"SimPO loss (per pair)"},
+                     {"masked-token loss (nats/token)"}]
+    assert "dpo-old-shape" not in figures[0] and "base-prose-pretrain" not in figures[1]  # never on one axis
+    assert "reward margin" in captions[1]
+    assert re.search(r"0\.\d{4} \(dpo\)</td>", page)  # the runs table says what the final train loss is
+
+
+def test_y_axis_title_clears_the_widest_tick_label():
+    plot = line_plot([{"name": "lr", "color": "#000", "points": [(s, 3e-3 * (1 - s / 120)) for s in range(10, 101, 10)]}],
+                     "step", "learning rate")
+    ticks = re.findall(r'<text class="tick" x="([\d.]+)" y="[\d.]+" text-anchor="end">([^<]+)<', plot)
+    assert any(len(text) >= 6 for _, text in ticks), ticks  # 0.0025: the labels that used to run into the title
+    title_x = float(re.search(r'translate\(([\d.]+) [\d.]+\) rotate\(-90\)', plot).group(1))
+    assert min(float(x) - text_width(text) for x, text in ticks) >= title_x + 4 + 6
+    assert text_width("0.0025") > 0.56 * 12 * 5  # generous: a real glyph is at most ~0.56 em wide
+
+
+def test_paths_follow_one_rule_and_an_eval_stage_links_the_model_its_eval_json_names(tmp_path):
+    runs = make_many(tmp_path / "runs")
+    elsewhere = write_run(tmp_path / "elsewhere" / "run", curve(20, 10, 20, {"prose": ("target", 6.0, 4.0)}),
+                          {"parents": [{"role": "init", "kind": "local", "path": str(tmp_path / "hub" / "model")}],
+                           "tokenizer": {"fingerprint": TOKENIZER}})
+    page, _ = _report([str(tmp_path / "runs" / "*"), elsewhere], tmp_path / "runs" / "report.html")
+    details = page[page.index('<h2 id="details">'):]
+    facts = re.findall(r"<dt>(directory|from)</dt><dd>(.*?)</dd>", details)
+    shown = [re.sub(r"<[^>]+>", "", value) for _, value in facts]
+    # A run in the report: by its name, linked to its details; any other path: relative to the report's folder
+    # when inside it, else absolute. Never the absolute path of something inside the report's folder.
+    assert shown[:4] == ["base-prose-pretrain", "init: llama-tiny", "continued-code-plain",
+                         "init: base-prose-pretrain 5769a1f0da35"]
+    assert '<dd>init: <a class="run" href="#run-0">' in details
+    assert "pruned/final" in shown and "soup/final" in shown
+    inside = str((tmp_path / "runs").resolve())
+    assert not any(inside in value for value in shown)
+    assert str(elsewhere.resolve()) in shown and f"init: {tmp_path.resolve() / 'hub' / 'model'}" in shown
+    # The eval stage's eval.json names the pruned model: drawn as an edge, with the weights hash it recorded.
+    assert (str(runs["pruned"].resolve()), "eval:score") in _drawn_edges(page)
+    assert "score scored" in page and "not recorded" not in page
+
+
+def test_eval_record_names_the_model_scored(tmp_path):
+    from tunelab.evaluate import eval_record
+    from tunelab.runs import weight_files_sha256
+
+    runs = make_lifecycle(tmp_path / "pipe")
+    record = eval_record({"prose": {"loss": 4.0}}, str(runs["soup"]))
+    assert record["prose"] == {"loss": 4.0}
+    assert record["model"] == {"path": str(runs["soup"].resolve()), "weights_sha256": weight_files_sha256(runs["soup"])}
+    stage = EvalStage("score", json.loads(json.dumps(record)))
+    assert stage.model == str(runs["soup"].resolve()) and set(stage.results) == {"prose"}
+
+
+def test_lineage_edge_labels_cover_neither_each_other_nor_nodes(tmp_path):
+    """The layout's own arithmetic (the browser test measures the drawn boxes): 14 runs, a merge of checkpoints
+    whose labels are wider than the gap between columns."""
+    runs = make_many(tmp_path / "runs")
+    graph = build_graph(load(expand([str(tmp_path / "runs" / "*")])[0], print))
+    svg = render_svg(graph)
+    nodes = [tuple(map(float, m)) for m in re.findall(r'<rect x="([\d.]+)" y="([\d.]+)" width="168" height="54"', svg)]
+    nodes = [(x, y, x + 168, y + 54) for x, y in nodes]
+    labels = []
+    for text in re.findall(r'<text class="edge-label"[^>]*>(.*?)</text>', svg):
+        lines = re.findall(r'<tspan x="([\d.]+)" y="([\d.]+)" class="\w+">([^<]*)</tspan>', text)
+        width = max(len(line) for _, _, line in lines) * 6.1  # a glyph of these fonts: at most ~0.56 em
+        cx, first, last = float(lines[0][0]), float(lines[0][1]), float(lines[-1][1])
+        labels.append((cx - width / 2, first - 10, cx + width / 2, last + 3))
+    assert len(labels) >= 14 and any("@step" in t for t in re.findall(r"<tspan[^>]*>([^<]*)<", svg))
+    assert str(runs["soup"].resolve().parent) in svg  # the merge is in the graph
+    for i, a in enumerate(labels):
+        assert not any(_boxes_overlap(a, b) for b in labels[i + 1:] + nodes), a
+
+
+def _boxes_overlap(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])

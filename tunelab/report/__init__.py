@@ -43,7 +43,7 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str | None =
         warnings.append(message)
         warn(message)
 
-    paths, found_evals = expand(list(runs)) if runs else ([], [])
+    paths, found_evals = expand(list(runs), warn) if runs else ([], [])
     entries = load(paths, note)
     eval_stages = list(eval_stages) + found_evals
     scored = [e for e in entries if e.evals]
@@ -61,6 +61,8 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str | None =
             + "): loss per token is not comparable across them, so evaluations are compared in bits per byte "
               "and training loss is plotted per tokenizer")
 
+    out = Path(out).expanduser()
+    shown = html.PathRule(out.parent, entries)
     sections = [("runs", "Runs", html.runs_table(entries)
                  + '<p class="note">parameters and trainable: counted when the run started (older runs: from the '
                    'saved weights); tokens/s: median over log intervals, evaluation excluded; wall time: the '
@@ -94,8 +96,8 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str | None =
                      "sha256, first 8 hex digits); a faded edge: a merge input left out.</p>"
                      f'<div class="graph-wrap">{render_svg(graph)}</div>'))
     if eval_stages:
-        sections.append(("eval-stages", "Eval stages", html.eval_stages_table(eval_stages)))
-    sections.append(("details", "Run details", "".join(html.run_section(e) for e in entries)))
+        sections.append(("eval-stages", "Eval stages", html.eval_stages_table(eval_stages, shown)))
+    sections.append(("details", "Run details", "".join(html.run_section(e, shown) for e in entries)))
 
     labels = [e.label for e in entries]
     title = title or "tunelab report: " + ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
@@ -107,7 +109,6 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str | None =
         version_text = "tunelab"
     footer = (f"{version_text} · {len(entries)} run{'s' * (len(entries) != 1)} · x axis: step = the run's optimizer "
               "steps, tokens = the tokens it trained on (each run counts from 0)")
-    out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, html.page(title, sections, warnings, footer))
     return out

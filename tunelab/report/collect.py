@@ -25,12 +25,37 @@ HINT = ("give run directories (runs/NAME, written by tunelab pretrain/finetune),
         "or a shell glob such as 'runs/*'")
 
 
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")  # runs from before the `objective:` section name them as a method
+
+
+def objective_of(config: dict) -> str:
+    """A run's training objective from its config.yaml: `objective.name` (today's shape), else a preference
+    method's name (older runs: `method: {name: dpo, options: {tuning: ...}}`), else `train.objective`, else clm."""
+    new = config.get("objective")
+    if isinstance(new, dict) and new.get("name"):
+        return str(new["name"])
+    method = config.get("method")
+    method = method.get("name") if isinstance(method, dict) else method
+    if method in PREFERENCE_OBJECTIVES:
+        return method
+    return str((config.get("train") or {}).get("objective") or "clm")
+
+
 @dataclass
 class EvalStage:
-    """A pipeline eval stage: one model scored on some domains (eval.json)."""
+    """A pipeline eval stage: one model scored on some domains (eval.json; its "model" entry, when written,
+    names the model scored: {"path", "weights_sha256"})."""
     name: str
     results: dict
     model: str | None = None
+    model_sha256: str | None = None
+
+    def __post_init__(self):
+        record = self.results.get("model")
+        if isinstance(record, dict):
+            self.results = {k: v for k, v in self.results.items() if k != "model"}
+            self.model = self.model or record.get("path")
+            self.model_sha256 = record.get("weights_sha256")
 
 
 @dataclass
@@ -84,6 +109,17 @@ class Entry:
         lin = self.lineage or {}
         return lin.get("stage") or lin.get("kind") or self.op_kind or ("run" if self.events else "model")
 
+    @cached_property
+    def objective(self) -> str | None:
+        """clm, mlm, dpo, ... from config.yaml (objective_of); None without one (a merge's output)."""
+        import yaml
+
+        try:
+            config = yaml.safe_load(self.config_text) if (self.path / "config.yaml").is_file() else None
+        except yaml.YAMLError:
+            config = None
+        return objective_of(config) if isinstance(config, dict) else None
+
     @property
     def method(self) -> str | None:
         method = (self.lineage or {}).get("method")
@@ -107,51 +143,45 @@ def _kind(path: Path) -> str | None:
     return None
 
 
-def expand(args: list[str | Path]) -> tuple[list[Path], list[EvalStage]]:
+def expand(args: list[str | Path], warn=None) -> tuple[list[Path], list[EvalStage]]:
     """Run directories (and eval stages) named by the arguments: directories, globs (also quoted ones,
-    expanded here), or folders holding runs (a pipeline's output, runs/). Raises RunDirError naming the
-    argument that is none of these."""
-    found: list[Path] = []
+    expanded here), or folders holding runs (a pipeline's output, runs/). What a glob matches that is not a
+    run (runs/quickstart-report.html beside the runs) is skipped, with a note to `warn`; an argument that
+    names no run at all raises RunDirError."""
+    found: dict[str, Path] = {}  # by resolved path: a run named twice is listed once
     evals: list[EvalStage] = []
 
-    def add(path: Path, kind: str) -> None:
-        if kind == "run":
-            found.append(path)
-        elif kind == "op-stage":
-            found.append(path / "final")
-        else:
-            evals.append(EvalStage(path.name, _read_json(path / "eval.json") or {}))
+    def runs_in(path: Path) -> list[tuple[Path, str]]:
+        if path.is_file() and path.name in ("metrics.jsonl", "lineage.json", "config.yaml"):
+            path = path.parent
+        inside = [path] if _kind(path) else sorted(c for c in path.iterdir() if c.is_dir()) if path.is_dir() else []
+        return [(c, _kind(c)) for c in inside if _kind(c)]
 
     for arg in args:
         text = str(arg)
-        paths = [Path(text).expanduser()]
-        if not paths[0].exists() and any(ch in text for ch in "*?["):
-            paths = [Path(p) for p in sorted(glob.glob(str(paths[0])))]
-            if not paths:
-                raise RunDirError(f"RUN: {text} matches nothing; {HINT}")
-        for path in paths:
-            if path.is_file() and path.name in ("metrics.jsonl", "lineage.json", "config.yaml"):
-                path = path.parent
+        path = Path(text).expanduser()
+        if path.exists() or not any(ch in text for ch in "*?["):
             if not path.exists():
                 raise RunDirError(f"RUN: {path} does not exist; {HINT}")
-            kind = _kind(path)
-            if kind is not None:
-                add(path, kind)
-                continue
-            inside = [(c, _kind(c)) for c in sorted(path.iterdir()) if c.is_dir()] if path.is_dir() else []
-            inside = [(c, k) for c, k in inside if k is not None]
-            if not inside:
+            named = runs_in(path)
+            if not named:
                 raise RunDirError(f"RUN: {path} is not a run directory (no metrics.jsonl, config.yaml or "
                                   f"lineage.json) and holds none; {HINT}")
-            for child, kind in inside:
-                add(child, kind)
-    unique, seen = [], set()
-    for path in found:
-        key = str(path.resolve())
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique, evals
+        else:
+            matches = [(Path(p), runs_in(Path(p))) for p in sorted(glob.glob(str(path)))]
+            named = [run for _, runs in matches for run in runs]
+            if not named:
+                raise RunDirError(f"RUN: {text} matches {'no run directory' if matches else 'nothing'}; {HINT}")
+            skipped = [match.name for match, runs in matches if not runs]
+            if skipped and warn is not None:
+                warn(f"{text}: skipped what is not a run directory: {', '.join(skipped)}")
+        for where, kind in named:
+            if kind == "eval":
+                evals.append(EvalStage(where.name, _read_json(where / "eval.json") or {}))
+            else:
+                where = where / "final" if kind == "op-stage" else where
+                found.setdefault(str(where.resolve()), where)
+    return list(found.values()), evals
 
 
 def _read_json(path: Path) -> dict | None:
@@ -201,8 +231,9 @@ def load(paths: list[Path], warn) -> list[Entry]:
 
 
 def safetensors_params(directory: Path) -> int | None:
-    """Elements in the *.safetensors files of a directory, from their JSON headers alone."""
-    files = sorted(Path(directory).glob("*.safetensors"))
+    """Elements in a directory's weight files (model*.safetensors, else an adapter's adapter_model*.safetensors;
+    never a pruned model's masks.safetensors), from their JSON headers alone."""
+    files = sorted(Path(directory).glob("model*.safetensors")) or sorted(Path(directory).glob("adapter_model*.safetensors"))
     if not files:
         return None
     total = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from html import escape
+from pathlib import Path
 
 from tunelab.report import svg
 from tunelab.report.collect import Entry, EvalStage, summary
@@ -17,97 +18,7 @@ LOSS_UNIT = "loss (nats/token)"
 BPB_UNIT = "bits per byte"
 X_AXES = (("step", "step", "step"), ("tokens", "tokens", "tokens (trained by the run)"))
 
-CSS = """
-:root { --fg: #1b1f24; --muted: #5b6470; --line: #d8dde3; --bg-soft: #f5f7f9; --warn: #8a5a00;
-        --good: #1a7f37; --bad: #c62828; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
-       color: var(--fg); background: #fff; }
-main, header .bar { max-width: 1400px; margin: 0 auto; padding: 0 20px; }
-header { position: sticky; top: 0; z-index: 2; background: rgba(255,255,255,.96); border-bottom: 1px solid var(--line); }
-header .bar { display: flex; flex-wrap: wrap; gap: 6px 18px; align-items: center; padding-top: 8px; padding-bottom: 8px; }
-header h1 { font-size: 18px; margin: 0; flex: 1 1 auto; }
-header nav a { color: var(--muted); text-decoration: none; margin-right: 12px; font-size: 14px; }
-header nav a:hover { color: var(--fg); text-decoration: underline; }
-.toggle { display: inline-flex; border: 1px solid var(--line); border-radius: 6px; overflow: hidden; font-size: 14px; }
-.toggle span { padding: 3px 8px; color: var(--muted); }
-.toggle label { padding: 3px 10px; cursor: pointer; border-left: 1px solid var(--line); }
-input.xaxis { position: absolute; opacity: 0; pointer-events: none; }
-#xaxis-step:checked ~ header label[for=xaxis-step],
-#xaxis-tokens:checked ~ header label[for=xaxis-tokens] { background: #1f77b4; color: #fff; }
-#xaxis-step:focus-visible ~ header label[for=xaxis-step],
-#xaxis-tokens:focus-visible ~ header label[for=xaxis-tokens] { outline: 2px solid #1f77b4; }
-#xaxis-step:checked ~ main .x-tokens, #xaxis-tokens:checked ~ main .x-step { display: none; }
-h2 { font-size: 20px; margin: 32px 0 6px; padding-top: 6px; border-top: 1px solid var(--line); }
-h3 { font-size: 16px; margin: 20px 0 6px; }
-p.note, .muted { color: var(--muted); font-size: 14px; margin: 4px 0 10px; }
-.warnings { border: 1px solid #e7c36b; background: #fff8e5; color: var(--warn); border-radius: 6px;
-            padding: 8px 14px; margin: 16px 0; font-size: 14px; }
-.warnings ul { margin: 4px 0; padding-left: 20px; }
-.table-wrap { overflow-x: auto; margin: 8px 0 6px; }
-table { border-collapse: collapse; font-size: 14px; }
-th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top;
-         white-space: nowrap; }
-thead th { background: var(--bg-soft); font-weight: 600; border-bottom: 2px solid var(--line); }
-th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.num .delta { display: inline-block; min-width: 5.2em; color: var(--muted); }
-td.num .delta.up { color: var(--bad); }
-td.num .delta.down { color: var(--good); }
-td .star { display: inline-block; width: 1em; color: var(--bad); font-weight: 700; text-align: left; }
-tr.summary td { background: var(--bg-soft); font-size: 13px; }
-.badge { display: inline-block; font-size: 12px; padding: 0 6px; border-radius: 8px; background: #eee;
-         color: var(--muted); margin-left: 6px; }
-.swatch { display: inline-block; width: 18px; height: 0; border-top: 3px solid; vertical-align: middle; margin-right: 6px; }
-.swatch.dashed { border-top-style: dashed; }
-a.run { color: inherit; text-decoration: none; }
-a.run:hover { text-decoration: underline; }
-.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); gap: 18px 22px; }
-figure { margin: 0; min-width: 0; max-width: 780px; }
-figcaption { font-weight: 600; font-size: 15px; margin-bottom: 2px; }
-figcaption .muted { font-weight: 400; }
-svg.plot { width: 100%; height: auto; display: block; }
-svg.plot .frame { fill: none; stroke: #9aa3ad; }
-svg.plot .grid { stroke: #e6e9ed; }
-svg.plot .zero { stroke: #5b6470; stroke-dasharray: 4 3; }
-svg.plot text { fill: #3b434c; font-family: inherit; }
-svg.plot .tick { font-size: 12px; }
-svg.plot .axis-label { font-size: 13px; fill: #1b1f24; }
-ul.legend { list-style: none; margin: 4px 0 0; padding: 0; display: flex; flex-wrap: wrap; gap: 2px 16px; font-size: 13px; }
-.graph-wrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 6px; background: #fcfcfd; }
-svg.lineage { display: block; font-family: inherit; }
-svg.lineage .node rect { fill: #fff; stroke: #7d8791; stroke-width: 1.2; }
-svg.lineage .node.node-run rect { stroke: #3b434c; stroke-width: 1.6; }
-svg.lineage .node rect.stripe { stroke: none; }
-svg.lineage .node.outside rect { stroke-dasharray: 5 3; fill: #f7f8fa; }
-svg.lineage .node.node-data rect { fill: #fff7e0; stroke: #c9a227; }
-svg.lineage .node.node-eval rect { fill: #eef4ff; stroke: #6a8fd8; }
-svg.lineage .node-name { font-size: 13px; font-weight: 600; fill: #1b1f24; }
-svg.lineage .node-line { font-size: 11.5px; fill: #5b6470; }
-svg.lineage a:hover .node-name { text-decoration: underline; }
-svg.lineage .edge { fill: none; stroke: #8a939c; stroke-width: 1.4; }
-svg.lineage .edge-data { stroke: #c9a227; stroke-dasharray: 4 3; }
-svg.lineage .edge-eval { stroke: #6a8fd8; stroke-dasharray: 2 3; }
-svg.lineage .edge-dropped { stroke-dasharray: 3 4; opacity: .55; }
-svg.lineage .edge-label { font-size: 11px; fill: #3b434c; paint-order: stroke; stroke: #fcfcfd; stroke-width: 4px;
-                          stroke-linejoin: round; }
-svg.lineage .edge-label .hash { fill: #7a838d; font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 10.5px; }
-.graph-key { font-size: 13px; color: var(--muted); margin: 6px 0; }
-section.run { border: 1px solid var(--line); border-radius: 6px; padding: 4px 16px 10px; margin: 14px 0; }
-section.run h3 { margin-top: 10px; }
-dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0; font-size: 14px; }
-dl.facts dt { color: var(--muted); }
-dl.facts dd { margin: 0; overflow-wrap: anywhere; }
-details { margin: 6px 0; }
-summary { cursor: pointer; color: #1f5f99; font-size: 14px; }
-pre { background: var(--bg-soft); border: 1px solid var(--line); border-radius: 4px; padding: 8px 10px; overflow-x: auto;
-      font-size: 12.5px; line-height: 1.4; max-height: 480px; }
-pre.sample { white-space: pre-wrap; max-height: none; }
-code, .mono { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 0.92em; }
-footer { color: var(--muted); font-size: 13px; margin: 30px 0 20px; }
-@media (max-width: 1000px) { th, td { padding: 4px 6px; } }
-@media (max-width: 700px) { body { font-size: 14px; } main, header .bar { padding: 0 10px; }
-  .plots { grid-template-columns: 1fr; } }
-"""
+CSS = (Path(__file__).parent / "page.css").read_text()  # inlined: the page fetches nothing
 
 
 def _num(value, digits: int = 4) -> str:
@@ -180,11 +91,28 @@ def _eval_series(domain: str, key: str, role: str | None = None):
     return points
 
 
+# What a run's training loss is, by objective: (caption, y-axis title). The number differs in kind between
+# them (a preference loss is per pair, ~0.69 at the start), so each objective gets its own plot.
+OBJECTIVE_LOSS = {"clm": ("next-token cross-entropy", LOSS_UNIT),
+                  "mlm": ("masked-token cross-entropy", "masked-token loss (nats/token)"),
+                  "dpo": ("DPO: −log σ(β · reward margin vs the reference), mean over pairs", "DPO loss (per pair)"),
+                  "simpo": ("SimPO: −log σ(β · length-normalised margin − γ), mean over pairs", "SimPO loss (per pair)"),
+                  "orpo": ("ORPO: chosen NLL per token + β · odds-ratio loss", "ORPO loss (NLL + β·OR)")}
+
+
 def training_plots(entries: list[Entry], groups: dict[str, list[Entry]]) -> str:
+    """Training loss per (objective, tokenizer), never overlaid across them; LR, gradient norm, throughput."""
     figures = []
-    for fingerprint, members in groups.items():
-        note = f"tokenizer {fingerprint[:8]}" if len(groups) > 1 else ""
-        figures.append(_figure("Training loss", note, _train_series("loss"), LOSS_UNIT, members))
+    objectives = list(dict.fromkeys(e.objective or "clm" for e in entries if e.has_metrics))
+    for objective in objectives:
+        what, unit = OBJECTIVE_LOSS.get(objective, (f"{objective} objective", f"{objective} loss"))
+        for fingerprint, members in groups.items():
+            members = [e for e in members if (e.objective or "clm") == objective]
+            notes = [what] if objective != "clm" or len(objectives) > 1 else []
+            notes += [f"tokenizer {fingerprint[:8]}"] if len(groups) > 1 else []
+            title = "Training loss" + (f": {objective}" if len(objectives) > 1 else "")
+            if members:
+                figures.append(_figure(title, "; ".join(notes), _train_series("loss"), unit, members))
     figures.append(_figure("Learning rate schedule", "", _train_series("lr"), "learning rate", entries))
     figures.append(_figure("Gradient norm", "before clipping", _train_series("grad_norm"),
                            "global gradient norm (L2)", entries))
@@ -242,7 +170,8 @@ def runs_table(entries: list[Entry]) -> str:
         cells = [f"{_run_link(entry)}{badge}", escape(s["stage"] or "–"), escape(s["method"] or "–"),
                  _int(s["parameters"]), _int(s["trainable"]), _int(s["steps"]), _int(s["tokens"]),
                  _duration(s["wall_s"]), _int(s["tokens_per_s"]), escape(s["precision"] or "–"),
-                 _num(s["train_loss"]), f'<span class="mono">{escape((s["tokenizer"] or "–")[:8])}</span>']
+                 _num(s["train_loss"]) + (f" ({escape(entry.objective)})" if entry.objective not in (None, "clm") else ""),
+                 f'<span class="mono">{escape((s["tokenizer"] or "–")[:8])}</span>']
         rows.append("<tr>" + "".join(f'<td class="num">{c}</td>' if h in numeric else f"<td>{c}</td>"
                                      for h, c in zip(head, cells)) + "</tr>")
     header = "".join(f'<th class="num">{h}</th>' if h in numeric else f"<th>{h}</th>" for h in head)
@@ -275,7 +204,7 @@ def final_table(table: dict, entries_by_path: dict[str, Entry]) -> str:
                 delta_html = f'<span class="delta {cls}">({delta:+.4f})</span>'
             star = '<span class="star" title="worst forgetting of the run">*</span>' if cell["worst"] \
                 else '<span class="star"></span>'
-            cells.append(f'<td class="num">{cell["value"]:.4f} {delta_html}{star}</td>')
+            cells.append(f'<td class="num">{cell["value"]:.4f} <span class="nowrap">{delta_html}{star}</span></td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     summaries = []
     for r in runs:
@@ -291,7 +220,7 @@ def final_table(table: dict, entries_by_path: dict[str, Entry]) -> str:
              "evaluation: red = worse (forgetting on a reference domain), green = better. "
              "* = the run's worst forgetting."]
     notes += table["footnotes"]
-    return (f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+    return (f'<div class="table-wrap"><table class="final"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
             + "".join(f'<p class="note">{escape(n)}</p>' for n in notes))
 
 
@@ -311,34 +240,60 @@ def _scores_table(columns: dict[str, dict], metrics=("loss", "bpb")) -> str:
     return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def eval_stages_table(stages: list[EvalStage]) -> str:
+def eval_stages_table(stages: list[EvalStage], shown: PathRule) -> str:
     columns = {s.name: s.results for s in stages}
-    note = "".join(f'<p class="note">{escape(s.name)}: {escape(s.model or "model not recorded")}</p>' for s in stages)
+    note = "".join(f'<p class="note">{escape(s.name)} scored '
+                   + (shown.parent({"path": s.model}) if s.model else "a model not recorded (an older eval.json)")
+                   + (f' <span class="muted mono">{escape(s.model_sha256[:12])}</span>' if s.model_sha256 else "")
+                   + "</p>" for s in stages)
     return _scores_table(columns) + note
 
 
 # ---------------------------------------------------------------- per-run details
 
 
-def _parents(entry: Entry) -> str:
+class PathRule:
+    """How the page names a directory, the same for every run whatever its lineage.json recorded (relative or
+    absolute, a temp dir): a run in the report by its name, linked to its details (the name the tables, plots
+    and graph use); any other path relative to the report's folder when it lies inside it (the page and its
+    runs move together), else absolute."""
+
+    def __init__(self, report_dir: Path, entries: list[Entry]):
+        self.report_dir = Path(report_dir).resolve()
+        self.runs = {str(e.path.resolve()): e for e in entries}
+
+    def path(self, path) -> str:
+        full = Path(str(path)).expanduser().resolve()
+        return str(full.relative_to(self.report_dir)) if full.is_relative_to(self.report_dir) else str(full)
+
+    def parent(self, parent: dict) -> str:
+        where = parent.get("run") or parent.get("path")
+        if not where:
+            return f'<span class="mono">{escape(str(parent.get("preset") or parent.get("id") or parent.get("kind")))}</span>'
+        for candidate in filter(None, (parent.get("run"), parent.get("path"))):
+            if str(Path(str(candidate)).expanduser().resolve()) in self.runs:
+                return _run_link(self.runs[str(Path(str(candidate)).expanduser().resolve())])
+        return f'<span class="mono">{escape(self.path(where))}</span>'
+
+
+def _parents(entry: Entry, shown: PathRule) -> str:
     parents = (entry.lineage or {}).get("parents") or []
     parts = []
     for p in parents:
         if not isinstance(p, dict):
             continue
-        what = p.get("run") or p.get("path") or p.get("preset") or p.get("id") or p.get("kind")
         digest = p.get("weights_sha256") or p.get("sha256") or p.get("weights_sha256_in_memory")
-        parts.append(f"{escape(str(p.get('role', 'parent')))}: <span class=\"mono\">{escape(str(what))}</span>"
+        parts.append(f"{escape(str(p.get('role', 'parent')))}: {shown.parent(p)}"
                      + (f' <span class="muted mono">{escape(str(digest)[:12])}</span>' if digest else ""))
     return "<br>".join(parts) or "–"
 
 
-def run_section(entry: Entry) -> str:
+def run_section(entry: Entry, shown: PathRule) -> str:
     lin = entry.lineage or {}
     env = entry.env or {}
-    facts = [("directory", f'<span class="mono">{escape(str(entry.path))}</span>'),
+    facts = [("directory", f'<span class="mono">{escape(shown.path(entry.path))}</span>'),
              ("stage", escape(entry.stage) + (f" · {escape(entry.method)}" if entry.method else "")),
-             ("from", _parents(entry))]
+             ("from", _parents(entry, shown))]
     data = [d for d in lin.get("data", []) if isinstance(d, dict)]
     if data:
         facts.append(("data", "<br>".join(

@@ -27,7 +27,7 @@ NODE_W, NODE_H = 168, 54
 GAP = 124  # between columns: room for two lines of edge label
 PITCH = 72  # between rows
 PAD = 14
-LINE = 12  # edge label line height
+LINE = 13  # edge label line height (11 px text: its glyph box is ~12.8 px tall)
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _edge_label(parent: dict) -> list[str]:
     if parent.get("kept") is False:  # a greedy soup left this input out (weight 0)
         extras.append("dropped")
     elif isinstance(parent.get("weight"), (int, float)):
-        extras.append(f"w={parent['weight']:.3g}")
+        extras.append(f"w={parent['weight']:.2g}")
     digest = parent.get("weights_sha256") or parent.get("sha256") or parent.get("weights_sha256_in_memory")
     return [" ".join([role, *extras]), short(digest)]
 
@@ -163,11 +163,12 @@ def build_graph(entries: list, eval_stages: list = ()) -> Graph:
     for stage in eval_stages:
         node = graph.node(Node(f"eval:{stage.name}", stage.name, "eval",
                                ["eval · " + ", ".join(list(stage.results)[:3])], title="eval stage"))
-        if stage.model:
+        if stage.model:  # the model its eval.json records (or the pipeline passed): drawn even outside the report
             found = lineage_dir(stage.model)
             src = _key(found) if found is not None else None
-            if src in graph.nodes:
-                graph.edge(src, node.id, ["scored"], kind="eval")
+            if src not in graph.nodes:
+                src = graph.node(_parent_node({"path": stage.model, "weights_sha256": stage.model_sha256})).id
+            graph.edge(src, node.id, ["scored", short(stage.model_sha256)], kind="eval")
     return graph
 
 
@@ -258,6 +259,27 @@ def _at_x(p0, p1, p2, p3, x: float) -> tuple[float, float]:
     return _bezier(p0, p1, p2, p3, lo)
 
 
+def _label_width(line: str, is_hash: bool) -> float:
+    """A generous width of an edge label's line: the role at 11 px sans, the hash at 10.5 px monospace."""
+    return len(line) * (6.5 if is_hash else 6.4) + 4
+
+
+def _wrap(text: str, width: float) -> list[str]:
+    """An edge label's role line in lines that fit the gap between columns (a word too long is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        word = _truncate(word, int((width - 4) / 6.4))
+        if lines and _label_width(f"{lines[-1]} {word}", False) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _overlaps(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
 def _truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -276,11 +298,7 @@ def render_svg(graph: Graph) -> str:
 
     width, height = _layout(graph)
     nodes = graph.nodes
-    # Shrinks to fit a narrower window down to 70% (text stays readable), then scrolls sideways.
-    out = [f'<svg class="lineage" viewBox="0 0 {width:.0f} {height:.0f}" '
-           f'style="width:100%;max-width:{width:.0f}px;min-width:{0.7 * width:.0f}px;height:auto" '
-           'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="lineage graph">',
-           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+    out = ['<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#666"/></marker></defs>']
     # Ports: edges leave a node's right side and enter the left side spread out, ordered by the other end.
     outgoing: dict[str, list[Edge]] = {}
@@ -307,20 +325,28 @@ def render_svg(graph: Graph) -> str:
                    f'marker-end="url(#arrow)"><title>{escape(s.label)} → {escape(d.label)}: '
                    f'{escape(" ".join(e.label))}</title></path>')
         if e.label:
-            lx = d.x - GAP / 2
-            labels.append([lx, _at_x(p0, p1, p2, p3, lx)[1], e])
-    # Labels in the same gap are pushed apart (downwards, in the order of their edges) so none covers another.
-    for lx in sorted({round(item[0]) for item in labels}):
-        column = sorted((item for item in labels if round(item[0]) == lx), key=lambda item: item[1])
-        for before, after in zip(column, column[1:]):
-            need = LINE * (len(before[2].label) + len(after[2].label)) / 2 + 1
-            if after[1] - before[1] < need:
-                after[1] = before[1] + need
-    for lx, ly, e in labels:
-        top = ly - LINE * len(e.label) / 2  # the label's box is centred on its edge
-        tspans = "".join(f'<tspan x="{lx:.1f}" y="{top + LINE * i + 9:.1f}" class="{"hash" if i else "role"}">'
-                         f'{escape(_truncate(line, 22))}</tspan>' for i, line in enumerate(e.label))
+            labels.append((e, (p0, p1, p2, p3), d.x))
+    # Each label goes where it covers no other: the middle of the gap before its child, else nearer one end of
+    # the gap (still on its edge), else the middle moved down below the labels in the way.
+    placed: list[tuple[float, float, float, float]] = []
+    for e, curve, child_x in sorted(labels, key=lambda item: (item[2], _at_x(*item[1], item[2] - GAP / 2)[1])):
+        roles = _wrap(e.label[0], GAP - 8)
+        lines = roles + [_truncate(line, 18) for line in e.label[1:]]
+        w = max(_label_width(line, i >= len(roles)) for i, line in enumerate(lines))
+        h = LINE * len(lines) + 2
+        left, right = child_x - GAP + 2 + w / 2, child_x - 4 - w / 2
+        spots = [child_x - GAP / 2] + ([left, right] if left < right else [])
+        boxes = [(lx - w / 2, ly - h / 2, lx + w / 2, ly + h / 2) for lx in spots for ly in [_at_x(*curve, lx)[1]]]
+        box = next((b for b in boxes if not any(_overlaps(b, other) for other in placed)), boxes[0])
+        while any(_overlaps(box, other) for other in placed):
+            top = max(other[3] for other in placed if _overlaps(box, other)) + 1
+            box = (box[0], top, box[2], top + h)
+        placed.append(box)
+        tspans = "".join(f'<tspan x="{(box[0] + box[2]) / 2:.1f}" y="{box[1] + 1 + LINE * i + 9.5:.1f}" '
+                         f'class="{"hash" if i >= len(roles) else "role"}">{escape(line)}</tspan>'
+                         for i, line in enumerate(lines))
         out.append(f'<text class="edge-label" text-anchor="middle">{tspans}</text>')
+    height = max([height] + [box[3] + PAD for box in placed])
     for n in nodes.values():
         cls = f"node node-{n.kind}" + ("" if n.entry is not None or n.kind in ("data", "eval") else " outside")
         rx = 16 if n.kind == "data" else 6
@@ -339,5 +365,8 @@ def render_svg(graph: Graph) -> str:
         if n.entry is not None:
             body = [f'<a href="#{n.entry.anchor}">', *body, "</a>"]
         out.extend(body)
-    out.append("</svg>")
-    return "".join(out)
+    # Shrinks to fit a narrower window down to 70% (text stays readable), then scrolls sideways.
+    head = (f'<svg class="lineage" viewBox="0 0 {width:.0f} {height:.0f}" '
+            f'style="width:100%;max-width:{width:.0f}px;min-width:{0.7 * width:.0f}px;height:auto" '
+            'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="lineage graph">')
+    return head + "".join(out) + "</svg>"

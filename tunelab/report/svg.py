@@ -19,6 +19,7 @@ DASHES = ("", "6 3", "2 3", "8 3 2 3")
 
 WIDTH, HEIGHT = 640, 340
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 14, 46
+TITLE_X = 16  # the y-axis title's baseline (rotated: its glyphs reach ~12 px left of it, ~4 px right)
 MAX_POINTS = 1500  # a long run's curve is thinned to this many points: the picture does not change
 
 
@@ -63,6 +64,11 @@ def fmt(value: float, span: float | None = None) -> str:
     return f"{value:.4g}"
 
 
+def text_width(text: str, size: float = 12) -> float:
+    """A generous width of a tick label in px (digits ~0.56 em in the usual sans fonts; '.' and ',' narrow)."""
+    return sum(0.3 if ch in ".,:" else 0.62 for ch in text) * size
+
+
 def _thin(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     if len(points) <= MAX_POINTS:
         return points
@@ -100,33 +106,36 @@ def line_plot(series: list[dict], x_label: str, y_label: str, zero_line: bool = 
     ys = [y for s in cleaned for _, y in s["points"]] + ([0.0] if zero_line else [])
     x0, x1 = _range(xs, from_zero=True)
     y0, y1 = _range(ys)
-    pw, ph = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    xt, yt = nice_ticks(x0, x1, 6), nice_ticks(y0, y1, 5)
+    x_span = xt[1] - xt[0] if len(xt) > 1 else None
+    y_span = yt[1] - yt[0] if len(yt) > 1 else None
+    y_texts = [fmt(t, y_span) for t in yt]
+    # The y-axis title sits left of the widest tick label (0.00025 is twice as wide as 0.5): the plot starts there.
+    left = max(LEFT, round(TITLE_X + 4 + 6 + max(text_width(t) for t in y_texts) + 6))
+    pw, ph = WIDTH - left - RIGHT, HEIGHT - TOP - BOTTOM
 
     def sx(x: float) -> float:
-        return LEFT + (x - x0) / (x1 - x0) * pw
+        return left + (x - x0) / (x1 - x0) * pw
 
     def sy(y: float) -> float:
         return TOP + (1 - (y - y0) / (y1 - y0)) * ph
 
     out = [f'<svg class="plot" viewBox="0 0 {WIDTH} {HEIGHT}" xmlns="http://www.w3.org/2000/svg" '
            f'role="img" aria-label="{escape(aria or y_label)}">']
-    out.append(f'<rect class="frame" x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}"/>')
-    xt, yt = nice_ticks(x0, x1, 6), nice_ticks(y0, y1, 5)
-    x_span = xt[1] - xt[0] if len(xt) > 1 else None
-    y_span = yt[1] - yt[0] if len(yt) > 1 else None
+    out.append(f'<rect class="frame" x="{left}" y="{TOP}" width="{pw}" height="{ph}"/>')
     for t in xt:
         x = sx(t)
         out.append(f'<line class="grid" x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{TOP + ph}"/>')
         out.append(f'<text class="tick" x="{x:.1f}" y="{TOP + ph + 15}" text-anchor="middle">{fmt(t, x_span)}</text>')
-    for t in yt:
+    for t, text in zip(yt, y_texts):
         y = sy(t)
-        out.append(f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + pw}" y2="{y:.1f}"/>')
-        out.append(f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{fmt(t, y_span)}</text>')
+        out.append(f'<line class="grid" x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}"/>')
+        out.append(f'<text class="tick" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{text}</text>')
     if zero_line and y0 < 0 < y1:
-        out.append(f'<line class="zero" x1="{LEFT}" y1="{sy(0):.1f}" x2="{LEFT + pw}" y2="{sy(0):.1f}"/>')
-    out.append(f'<text class="axis-label" x="{LEFT + pw / 2:.1f}" y="{HEIGHT - 6}" text-anchor="middle">'
+        out.append(f'<line class="zero" x1="{left}" y1="{sy(0):.1f}" x2="{left + pw}" y2="{sy(0):.1f}"/>')
+    out.append(f'<text class="axis-label" x="{left + pw / 2:.1f}" y="{HEIGHT - 6}" text-anchor="middle">'
                f'{escape(x_label)}</text>')
-    out.append(f'<text class="axis-label" transform="translate(14 {TOP + ph / 2:.1f}) rotate(-90)" '
+    out.append(f'<text class="axis-label" transform="translate({TITLE_X} {TOP + ph / 2:.1f}) rotate(-90)" '
                f'text-anchor="middle">{escape(y_label)}</text>')
     for s in cleaned:
         pts = _thin(s["points"])
