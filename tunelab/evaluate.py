@@ -297,6 +297,21 @@ def _generation(path: str, model, tokenizer, sources: list[str], split: str, sha
     return out
 
 
+def render_eval(results: dict, title: str, console=None) -> None:
+    """Print evaluate_model's result: one row per domain (tunelab eval, a pipeline's eval stage)."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
+        table.add_column(col, justify="left" if col in ("domain", "split") else "right")
+    for domain, r in results.items():
+        table.add_row(domain, r["split"], f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
+                      f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
+    (console or Console(width=None if sys.stdout.isatty() else 160)).print(table)
+
 
 def render_suite(result: dict, console=None) -> None:
     """Print evaluate_suite's result: the perplexity table, one table per task, the generation measures."""
