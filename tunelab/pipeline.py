@@ -45,6 +45,10 @@ ACTION_TEXT = {"skip": "skip (up to date)", "resume": "resume (interrupted)", "r
                "stale": "re-run (stale: a fresh directory)"}
 
 
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
 def _kinds() -> list[str]:
     from tunelab.stages import STAGES
 
@@ -85,7 +89,7 @@ class Stage(BaseModel):
         if unread:
             where = ("an eval stage has no recipe: use data, seq_len, max_tokens, split" if self.kind == EVAL_KIND
                      else f"only eval stages read it; put it in the recipe (set: {{data.{unread[0]}: ...}})")
-            raise ValueError(f"stage {self.name}: a {self.kind} stage does not read `{unread[0]}` ({where})")
+            raise ValueError(f"stage {self.name}: {_a(self.kind)} stage does not read `{unread[0]}` ({where})")
         return self
 
 
@@ -116,7 +120,7 @@ def _substitute(value: Any, outputs: dict[str, Path], types: dict[str, str], sta
             wanted = ("dataset",) if DATA_FIELDS & set(field) else ("model", "adapter")
             if types[ref] not in wanted:
                 raise ConfigError(f"stage {stage}: {'.'.join(field) or 'its input'} takes a {' or '.join(wanted)}, "
-                                  f"but ${{{ref}}} is {'an' if types[ref][0] in 'aeiou' else 'a'} {types[ref]}")
+                                  f"but ${{{ref}}} is {_a(types[ref])}")
             used.add(ref)
             return str(outputs[ref])
         return REF.sub(repl, value)
@@ -213,29 +217,30 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False, overr
         _print_plan(jobs)
         return outputs
     if only is not None:
-        jobs, upstream = jobs[-1:], {job.stage.name: job for job in jobs}
-        missing = [name for name in jobs[0].upstream if upstream[name].plan.action != "skip"]
+        jobs, upstream = jobs[-1:], {job.stage.name: job.plan.action for job in jobs}
+        missing = [name for name in jobs[0].upstream if upstream[name] != "skip"]
         if missing:
-            raise ConfigError(f"--only {only}: it reads stage {missing[0]}'s output, which is not there (that stage "
-                              f"would {upstream[missing[0]].plan.action}); run the pipeline without --only first")
+            raise ConfigError(f"--only {only}: it reads stage {missing[0]}'s output, which is not there ({missing[0]}: "
+                              f"{ACTION_TEXT[upstream[missing[0]]]}); run the pipeline without --only first")
+    interrupted = [job for job in jobs if job.plan.action == "resume"]
+    if interrupted and not resume:
+        raise ConfigError(f"stage {interrupted[0].stage.name}: {interrupted[0].plan.dir} holds an interrupted run of "
+                          "it; pass --resume to continue it, or move that directory away")
     for job in jobs:
-        _run_job(job, resume, quiet, log)
+        _run_job(job, quiet, log)
     if only is None:
         report = _report(jobs, root, spec.name, log)
         log(f"pipeline {spec.name}: {len(spec.stages)} stages, outputs in {root}; report: {report}")
     return outputs
 
 
-def _run_job(job: _Job, resume: bool, quiet: bool, log) -> None:
+def _run_job(job: _Job, quiet: bool, log) -> None:
     from tunelab.stages import run_stage
 
     stage, plan = job.stage, job.plan
     if plan.action == "skip":
         log(f"[{stage.name}] up to date, skipped ({plan.dir})")
     else:
-        if plan.action == "resume" and not resume:
-            raise ConfigError(f"stage {stage.name}: {plan.dir} holds an interrupted run of it; pass --resume to "
-                              "continue it, or move that directory away")
         record = {"kind": stage.kind, "output": job.output_type, "upstream": job.upstream}
         plan.begin(**record)
         if stage.kind == EVAL_KIND:
@@ -255,7 +260,7 @@ def _run_job(job: _Job, resume: bool, quiet: bool, log) -> None:
     if stage.kind == EVAL_KIND and not quiet:
         from tunelab.evaluate import render_eval
 
-        render_eval(json.loads(plan.output.read_text()), f"[{stage.name}] eval: {job.target}")
+        render_eval(json.loads(plan.output.read_text()), f"stage {stage.name}: eval of {job.target}")
 
 
 def _print_plan(jobs: list[_Job]) -> None:
