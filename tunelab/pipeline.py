@@ -165,7 +165,7 @@ def plan_pipeline(path: Path, out: Path | None = None, overrides: list[str] | No
     for stage in spec.stages[:names.index(until) + 1 if until else None]:
         used: set[str] = set()
         resolved = _substitute(stage.model_dump(), outputs, types, stage.name, used)
-        produced = {str(outputs[r]) for r in outputs}
+        produced = {str(output) for output in outputs.values()}
         job = _Job(stage, None, "evaluation", {}, resolved["target"])
         if stage.kind == EVAL_KIND:
             from tunelab.config import SourceSpec, _as_source_list
