@@ -229,6 +229,7 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False, overr
     for job in jobs:
         _run_job(job, quiet, log)
     if only is None:
+        root.mkdir(parents=True, exist_ok=True)  # (a pipeline of no stages has no directory yet)
         report = _report(jobs, root, spec.name, log)
         log(f"pipeline {spec.name}: {len(spec.stages)} stages, outputs in {root}; report: {report}")
     return outputs
