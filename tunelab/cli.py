@@ -142,7 +142,7 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     """Loss, perplexity and bits per byte of models on each data domain (a source the model or an ancestor
     trained on: its held-out split; any other source: all of it); with several models or --relative-to, one
     table with each model's change against the base; multiple-choice tasks; generation quality."""
-    from tunelab.evaluate import evaluate_model, evaluate_suite, render_suite
+    from tunelab.evaluate import evaluate_model, evaluate_suite, render_eval, render_suite
 
     _no_transformers_bars()
     log = (lambda *a: None) if (quiet or as_json) else _stderr
@@ -163,17 +163,7 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    from rich.table import Table
-
-    from tunelab.console import table_console
-
-    table = Table(title=f"eval: {model_dir}")
-    for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
-        table.add_column(col, justify="left" if col in ("domain", "split") else "right")
-    for domain, r in results.items():
-        table.add_row(domain, r["split"], f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
-                      f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
-    table_console().print(table)
+    render_eval(results, f"eval: {model_dir}")
 
 
 @app.command()
@@ -229,11 +219,18 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="
 def run_pipeline(pipeline: Path = typer.Argument(..., help="Pipeline YAML: a list of stages."),
                  out: Optional[Path] = typer.Option(None, "--out", help="Where stage outputs go (default runs/<name>)."),
                  set_: list[str] = typer.Option([], "--set", help="Override applied to every training stage."),
+                 resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a stage that was "
+                                             "interrupted (same key), as by default; --no-resume refuses it instead."),
+                 dry_run: bool = typer.Option(False, "--dry-run", help="Print each stage's output type, key and whether "
+                                              "it would run, resume, be skipped (up to date) or re-run (stale); "
+                                              "run and write nothing."),
+                 only: Optional[str] = typer.Option(None, "--only", metavar="STAGE", help="Run just this stage; the "
+                                                    "outputs it reads must exist."),
                  quiet: bool = typer.Option(False, "--quiet")):
     """Run a pipeline's stages in order, skipping those already done with the same resolved config."""
     from tunelab.pipeline import run_pipeline as run
 
-    run(pipeline, out=out, quiet=quiet, overrides=set_)
+    run(pipeline, out=out, quiet=quiet, overrides=set_, resume=resume, dry_run=dry_run, only=only)
 
 
 @app.command("export")

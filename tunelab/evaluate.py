@@ -306,6 +306,20 @@ def _generation(path: str, model, tokenizer, sources: list[str], split: str, sha
     return out
 
 
+def render_eval(results: dict, title: str, console=None) -> None:
+    """Print evaluate_model's result: one row per domain (tunelab eval, a pipeline's eval stage)."""
+    from rich.table import Table
+
+    from tunelab.console import table_console
+
+    table = Table(title=title)
+    for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
+        table.add_column(col, justify="left" if col in ("domain", "split") else "right")
+    for domain, r in results.items():
+        table.add_row(domain, r["split"], f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
+                      f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
+    (console or table_console()).print(table)
+
 
 def render_suite(result: dict, console=None) -> None:
     """Print evaluate_suite's result: the perplexity table, one table per task, the generation measures."""

@@ -354,6 +354,21 @@ def test_lottery_rewinds_to_exactly_the_saved_weights(base, tmp_path, rewind, ra
         assert all(torch.equal(again[k], v) for k, v in random_final.items())
         assert (out / "prune.json").is_file() and (out / "lineage.json").is_file()
 
+        # Another sparsity, resumed (prune.json gone): init and the dense round are kept, the pruned rounds run
+        # again into fresh directories (stage_keys), and the earlier rounds stay as they were.
+        (out / "prune.json").unlink()
+        dense_stamp, round1 = (rounds / "round-0" / "metrics.jsonl").stat().st_mtime_ns, _tensors(rounds / "round-1" / "final")
+        recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "sparsity": 0.6}))
+        code, _, stderr = _cli("prune", recipe, "--out", out, "--resume", "--quiet")
+        assert code == 0, stderr
+        assert (rounds / "round-0" / "metrics.jsonl").stat().st_mtime_ns == dense_stamp
+        record = json.loads((out / "prune.json").read_text())
+        runs = [Path(x["run"]) for x in record["rounds"]]
+        assert runs[0] == rounds / "round-0" and [p.name.split(".")[0] for p in runs[1:]] == ["round-1", "round-2"]
+        assert all(p.parent == rounds and p.name != p.name.split(".")[0] for p in runs[1:])
+        assert record["sparsity"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+        assert all(torch.equal(_tensors(rounds / "round-1" / "final")[k], v) for k, v in round1.items())
+
 
 # ---------------------------------------------------------------- bad input
 

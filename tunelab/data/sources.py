@@ -6,6 +6,8 @@ did not change), and texts for tokenizer training.
                                JSONL file in the cache, then read as that file (format: chat)
     builtin:preference         preference pairs generated the same way (format: preference)
     files, folders, hf:<dir>   read by tunelab.data.readers (formats and errors described there)
+    a dataset directory        a dataset artifact (tunelab.data.artifact): read as its data file, in the
+                               format its manifest names
 
 The content hash is sha256 over the source's non-blank documents in order (readers.Tally.add).
 Computing it means reading everything, so for files, folders and hf: folders it is kept in a small
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tunelab.config import SourceSpec
+from tunelab.data.artifact import dataset_source
 from tunelab.data.readers import (Document, Tally, content_hash, document_text, folder_files, has_text,
                                   iter_hf, iter_path, source_path)
 from tunelab.errors import DataError
@@ -64,11 +67,11 @@ def _quiet(*args) -> None:
 
 
 def _generated(spec: SourceSpec, cache_dir: Path) -> SourceSpec:
-    """A built-in source that is generated into a file (builtin:instruct, builtin:preference) as a spec of that file; others as
-    they are. The file lives in the cache, so its stat index works as for any file."""
+    """A built-in source that is generated into a file (builtin:instruct, builtin:preference), or a dataset artifact,
+    as a spec of that file; others as they are. The stat index then works as for any file."""
     name = {"builtin:instruct": "instruct", "builtin:preference": "preference"}.get(spec.source)
     if name is None:
-        return spec
+        return dataset_source(spec)
     from tunelab.data.instruct import builtin_instruct_file  # lazy: only this source scans the stdlib
 
     return spec.model_copy(update={"source": str(builtin_instruct_file(name, Path(cache_dir))),

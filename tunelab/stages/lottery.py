@@ -7,9 +7,10 @@
     random ticket (optional): the last round's per-matrix sparsity, random positions, same rewind point
 
 Every round trains the recipe's whole schedule, so every ticket (and the random control) gets the same
-budget. Each round is an ordinary run directory under OUT/rounds/, so an interrupted lottery resumes
-(`--resume`): finished rounds are kept, an unfinished one resumes from its checkpoint, and the next
-round's masks are recomputed from the saved weights (deterministic).
+budget. Each round is an ordinary run directory under OUT/rounds/, keyed as pipeline stages are
+(stage_keys.py), so an interrupted lottery resumes (`--resume`): finished rounds are kept, an unfinished
+one resumes from its checkpoint, the next round's masks are recomputed from the saved weights
+(deterministic), and rounds whose recipe changed run again into fresh directories.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def write_start(rewind_dir: Path, masks: dict, out: Path) -> None:
 def run_lottery(cfg: PruneRecipe, out: Path, quiet: bool = False, log=print) -> Path:
     from tunelab import models
     from tunelab.ops import prune
-    from tunelab.runs import staged_dir, weight_files_sha256
+    from tunelab.runs import weight_files_sha256
+    from tunelab.stage_keys import data_hashes, plan_stage, stage_key
     from tunelab.stages import run_stage, setup
 
     lot = cfg.lottery
@@ -79,49 +81,48 @@ def run_lottery(cfg: PruneRecipe, out: Path, quiet: bool = False, log=print) -> 
     if rewind_step is not None and rewind_step >= steps:
         raise ConfigError(f"lottery.rewind: step {rewind_step} is not before the end of training ({steps} steps)")
 
+    # Every round (and init, the weights before training) is keyed with stage_keys, as a pipeline's stages are:
+    # a round whose key holds a finished run is kept, an interrupted one resumes from its checkpoint, and a
+    # changed recipe sends the rounds it changes to fresh directories (round-1.<key8>), never over old ones.
     rounds = out / "rounds"
-    rounds.mkdir(parents=True, exist_ok=True)
-    started_with = rounds / "lottery.json"  # a resumed lottery must be the same lottery: rounds are reused
-    this = {"prune": cfg.model_dump(mode="json", exclude={"name"}), "train": base}
-    if started_with.is_file():
-        before = json.loads(started_with.read_text())
-        if before != this:
-            changed = sorted(k for k in set(before["prune"]) | set(this["prune"])
-                             if before["prune"].get(k) != this["prune"].get(k))
-            changed += ["lottery.train (the training recipe)"] if before["train"] != this["train"] else []
-            raise ConfigError(f"{out}: this lottery started with another recipe (changed: {', '.join(changed)}); "
-                              "resume it unchanged or choose a new --out")
-    else:
-        started_with.write_text(json.dumps(this, indent=2) + "\n")
-    init_dir = rounds / "init"
-    if not (init_dir / "config.json").is_file():  # the weights before training: what rewind: init returns to
+    cache = setup.resolve_cache_dir(dense_cfg.data.cache_dir)
+    outside = dense_cfg.model.path if dense_cfg.model.path and Path(dense_cfg.model.path).is_dir() else None
+    replay = dense_cfg.data.replay.sources if dense_cfg.data.replay else []
+    init = plan_stage(rounds, "init", stage_key({
+        "train": base, "data": data_hashes(dense_cfg.data.train + dense_cfg.data.eval + replay, cache, log),
+        "model": weight_files_sha256(Path(outside)) if outside else None}), "model.safetensors")
+    if init.action != "skip":  # what rewind: init returns to
+        init.begin(role="init")
         setup.seed_everything(dense_cfg.train.seed)
-        cache = setup.resolve_cache_dir(dense_cfg.data.cache_dir)
         tokenizer = setup.resolve_tokenizer(dense_cfg, cache, log)
-        model = setup.initial_model(dense_cfg, tokenizer, log=log)
-        shutil.rmtree(init_dir, ignore_errors=True)
-        with staged_dir(init_dir) as staged:
-            model.save_pretrained(staged, safe_serialization=True)
-            tokenizer.save_pretrained(staged)
+        setup.initial_model(dense_cfg, tokenizer, log=log).save_pretrained(init.dir, safe_serialization=True)
+        tokenizer.save_pretrained(init.dir)
+        init.finish(role="init")
 
-    def train_round(name: str, start: Path, masked: bool, extra: list[str] = ()) -> Path:
-        data = json.loads(json.dumps(base))
-        sets = [f"model.path={json.dumps(str(start))}", "init_from=null", f"name={name}", *extra]
-        if masked:
-            sets.append("method=" + json.dumps({"name": "masked", "options": {}}))
-        round_cfg = validate_recipe(apply_overrides(data, sets), f"{source} round {name}", kind)
-        run = rounds / name
-        if (run / "final" / "config.json").is_file():
+    def train_round(name: str, parts: dict, masks: dict | None = None, extra: list[str] = ()) -> tuple[Path, str]:
+        """(the round's run directory, its key); `masks`: train from the rewind point under them."""
+        plan = plan_stage(rounds, name, stage_key({"round": name, **parts}), "final")
+        if plan.action == "skip":
             log(f"[lottery] {name}: done, kept")
-            return run
+            return plan.dir, plan.key
+        start = init.dir
+        sets = ["init_from=null", f"name={name}", *extra]
+        if masks is not None:
+            start = plan.dir.with_name(f"{plan.dir.name}-start")
+            write_start(rewind_dir, masks, start)
+            sets.append("method=" + json.dumps({"name": "masked", "options": {}}))
+        sets.append(f"model.path={json.dumps(str(start))}")
+        round_cfg = validate_recipe(apply_overrides(json.loads(json.dumps(base)), sets), f"{source} round {name}", kind)
         log(f"[lottery] {name}: training {steps} steps from {start.name}")
-        run_stage(round_cfg, out=run, resume=(run / "config.yaml").is_file(), quiet=quiet)
-        return run
+        plan.begin(role="lottery round")
+        run_stage(round_cfg, out=plan.dir, resume=(plan.dir / "config.yaml").is_file(), quiet=quiet)
+        plan.finish(role="lottery round")
+        return plan.dir, plan.key
 
     keep = [] if rewind_step is None else [f"train.checkpoint_every={rewind_step}",
                                            f"train.keep_checkpoints={steps // rewind_step + 1}"]
-    trained = train_round("round-0", init_dir, masked=False, extra=keep)
-    rewind_dir = init_dir if rewind_step is None else trained / "checkpoints" / f"step-{rewind_step}"
+    trained, key = train_round("round-0", {"after": init.key, "extra": keep}, extra=keep)
+    rewind_dir = init.dir if rewind_step is None else trained / "checkpoints" / f"step-{rewind_step}"
     if not (rewind_dir / "config.json").is_file():
         raise ModelError(f"lottery.rewind: {rewind_dir} is missing (the dense run kept no checkpoint at step "
                          f"{rewind_step}); remove {out} and run again")
@@ -132,17 +133,15 @@ def run_lottery(cfg: PruneRecipe, out: Path, quiet: bool = False, log=print) -> 
         weights = models.load_model(str(trained / "final"), field="lottery")
         params = prune.prunable_params(weights, cfg.targets)
         masks = prune.masks_from_scores(prune.magnitude_scores(params), target, cfg.scope, masks)
-        start = rounds / f"round-{r}-start"
-        write_start(rewind_dir, masks, start)
-        trained = train_round(f"round-{r}", start, masked=True)
+        trained, key = train_round(f"round-{r}", {"after": key, "rewind": lot.rewind, "sparsity": target,
+                                                  "scope": cfg.scope, "targets": cfg.targets}, masks)
         summary.append({"round": r, "run": str(trained), "sparsity": target, **final_losses(trained)})
         log(f"[lottery] round {r}: sparsity {target:.1%}, held-out loss "
             + ", ".join(f"{d} {v:.4f}" for d, v in summary[-1]["eval"].items()))
     record: dict = {"name": cfg.name, "method": "imp", "rewind": lot.rewind, "rounds": summary}
     if lot.random_ticket:
-        start = rounds / "random-start"
-        write_start(rewind_dir, prune.random_masks_like(masks, cfg.seed), start)
-        random_run = train_round("random", start, masked=True)
+        random_run, _ = train_round("random", {"after": key, "rewind": lot.rewind, "seed": cfg.seed},
+                                    prune.random_masks_like(masks, cfg.seed))
         record["random_ticket"] = {"run": str(random_run), "sparsity": summary[-1]["sparsity"], "seed": cfg.seed,
                                    **final_losses(random_run)}
         log("[lottery] random ticket: held-out loss "
