@@ -139,6 +139,11 @@ def block_params(model, operation: str) -> tuple[str, list[list[str]]]:
     return prefix, blocks
 
 
+def is_conv1d(module) -> bool:
+    """GPT-2's linear layer (transformers' Conv1D): its weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def attn_implementation(config, requested: str) -> str:
     """The attention kernel to load a model with: the default sdpa becomes eager for a family without it."""
     family = FAMILIES.get(getattr(config, "model_type", None))

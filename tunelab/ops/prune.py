@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from tunelab.arch import arch_of
+from tunelab.arch import arch_of, is_conv1d
 from tunelab.errors import ConfigError, ModelError
 
 MASKS_FILE = "masks.safetensors"
 
 
 def _is_linear(module) -> bool:
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's, weight (in, out)
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
 
 
 def prunable_params(model, targets: list[str] | None = None) -> dict[str, torch.nn.Parameter]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tunelab.arch import SHRINKS as WHAT
-from tunelab.arch import Arch, arch_of
+from tunelab.arch import Arch, arch_of, is_conv1d
 from tunelab.errors import ConfigError, ModelError
 
 CRITERIA = ("magnitude", "loss")
@@ -159,13 +159,9 @@ def _output_linears(layer, family: Arch):
     return [layer.get_submodule(family.attn_out), layer.get_submodule(family.ffn_out)]
 
 
-def _is_conv1d(module) -> bool:
-    return type(module).__name__ == "Conv1D"  # GPT-2's linear layer, its weight stored (in, out)
-
-
 def _out_dim(module) -> int:
     """The weight dimension that indexes the layer's outputs."""
-    return 1 if _is_conv1d(module) else 0
+    return 1 if is_conv1d(module) else 0
 
 
 def _n_inputs(module) -> int:
@@ -185,7 +181,7 @@ def _keep_outputs(linear, index: torch.Tensor) -> None:
     linear.weight = _replace(linear.weight, linear.weight.data.index_select(_out_dim(linear), index))
     if linear.bias is not None:
         linear.bias = _replace(linear.bias, linear.bias.data.index_select(0, index))
-    if _is_conv1d(linear):
+    if is_conv1d(linear):
         linear.nf = len(index)
     else:
         linear.out_features = len(index)
@@ -194,7 +190,7 @@ def _keep_outputs(linear, index: torch.Tensor) -> None:
 def _keep_inputs(linear, index: torch.Tensor) -> None:
     index = index.to(linear.weight.device)
     linear.weight = _replace(linear.weight, linear.weight.data.index_select(1 - _out_dim(linear), index))
-    if _is_conv1d(linear):
+    if is_conv1d(linear):
         linear.nx = len(index)
     else:
         linear.in_features = len(index)  # the bias belongs to the outputs: unchanged
