@@ -354,6 +354,13 @@ def test_every_family_shrinks_as_the_table_allows(family, tmp_path):
         _check_equal_and_reload(big, small, report, tmp_path / what)
 
 
+def test_gpt2_scaling_attention_by_layer_index_keeps_its_layers():
+    model = tiny_model("gpt2", scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(ModelError, match=r"^layers: this gpt2 scales attention by 1 / \(layer index \+ 1\)"):
+        shrink(model, "layers", count=1)
+    assert len(model.transformer.h) == 2
+
+
 def test_unsupported_models():
     with pytest.raises(ModelError, match=r"structured pruning \(ffn\): model family 'falcon' is not in tunelab's "
                                          "architecture table"):

@@ -406,6 +406,9 @@ def _shrink_layers(model, family, fraction, count, criterion, batches) -> dict:
     layers = _layers(model, family)
     n = len(layers)
     n_remove = _how_many(n, fraction, count, "layers")
+    if n_remove and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+        raise ModelError("layers: this gpt2 scales attention by 1 / (layer index + 1), so the kept layers would "
+                         "compute something else at their new index; prune ffn instead")
     if criterion == "loss":
         scores = _skip_loss_scores(model, family, batches)
     else:
