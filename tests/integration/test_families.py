@@ -30,7 +30,9 @@ from tunelab.arch import arch_of
 from tunelab.runs import read_metrics
 
 pytestmark = [pytest.mark.slow,  # ~10-20 s per family on 2 cores
-              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")]
+              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning"),
+              # peft sets fan_in_fan_out itself for gpt2's Conv1D layers, and says so
+              pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning")]
 
 SEQ = 16
 TRAIN = {"max_steps": 4, "micro_batch_size": 4, "lr": 1e-2, "log_every": 1, "precision": "fp32",
