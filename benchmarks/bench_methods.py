@@ -249,7 +249,9 @@ def instrument_tunelab(phases: Phases, step_rss: list) -> None:
     from tunelab.methods import sparse  # its choice of entries runs inside the loop, before step 1
 
     phases.wrap(sparse.SparseFT, "gradient_scores", "sparse: calibration gradients", "training steps")
-    phases.wrap(sparse, "top_entries", "sparse: choosing the entries", "training steps")
+    from tunelab.ops import prune
+
+    phases.wrap(prune, "select_global", "sparse: choosing the entries", "training steps")
 
     evaluator = training_data.evaluator
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from tunelab.arch import attn_implementation as family_attention
 from tunelab.errors import ModelError
 
 # name -> (architecture, HF config fields). Parameter counts are for the default vocab (4096).
@@ -241,6 +242,7 @@ def load_model(path: str, attn_implementation: str = "sdpa", field: str = "model
     except (OSError, ValueError) as err:
         raise ModelError(f"{field}: cannot load {path} ({str(err).splitlines()[0]}); "
                          "give a directory written by save_pretrained (config.json + weights)") from None
+    attn_implementation = family_attention(config, attn_implementation)  # gemma2 has no sdpa
     if config.model_type not in ENCODER_TYPES:
         return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype="float32",
                                                     **local)

@@ -194,9 +194,9 @@ def test_lisa_options_and_blocks(tokenizer):
     method = create_method("lisa", {"gamma": LAYERS + 1})
     with pytest.raises(ConfigError, match=rf"gamma: {LAYERS + 1} is more than the model's {LAYERS} transformer"):
         method.prepare(tiny_model(tokenizer), context(tokenizer))
-    from tunelab.methods.lisa import transformer_blocks
+    from tunelab.arch import block_params
 
-    prefix, blocks = transformer_blocks(tiny_model(tokenizer))
+    prefix, blocks = block_params(tiny_model(tokenizer), "method lisa")
     assert prefix == "model.layers" and len(blocks) == LAYERS and all(len(b) == 9 for b in blocks)
 
 
@@ -305,10 +305,10 @@ def test_sparse_delta_reapplied_to_the_base_reproduces_the_tuned_model_exactly(t
 
 
 def test_sparse_selection_exact_budget_and_rewound_data(tmp_path, corpus, base_dir, tokenizer):
-    from tunelab.methods.sparse import top_entries
+    from tunelab.ops.prune import select_global
 
     scores = {"a": torch.tensor([[3.0, 1.0], [1.0, 0.0]]), "b": torch.tensor([1.0, 5.0, 1.0])}
-    masks = top_entries(scores, 4)  # 5, 3, then two of the four 1.0s: the earliest (a[0,1], a[1,0])
+    masks = select_global(scores, 4, largest=True)  # 5, 3, then two of the four 1.0s: the earliest (a[0,1], a[1,0])
     assert masks["a"].tolist() == [[True, True], [True, False]] and masks["b"].tolist() == [False, True, False]
     # select: weight keeps the largest starting weights; the density is of the candidate matrices.
     method = create_method("sparse", {"density": 0.1, "select": "weight"})

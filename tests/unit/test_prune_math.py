@@ -5,6 +5,7 @@ disk, the sparsity report, the random ticket, the lottery's schedule, and the pr
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -129,6 +130,10 @@ def test_unknown_scope_is_a_config_error():
 # ---------------------------------------------------------------- Wanda by hand
 
 
+# TinyLM is no family of the architecture table: its matrices are chosen by name (every linear weight).
+ANY_LINEAR = [r"weight$"]
+
+
 class TinyLM(nn.Module):
     """Embedding -> blocks.0.proj (the one prunable Linear) -> head: Wanda reads proj's inputs, the embeddings."""
 
@@ -151,7 +156,7 @@ def test_wanda_is_weight_size_times_input_norm_without_padding():
     model = TinyLM(table)
     with torch.no_grad():
         model.blocks[0].proj.weight.copy_(t([1, -2, 0.5], [-4, 0.25, 3]))
-    params = prune.prunable_params(model)
+    params = prune.prunable_params(model, ANY_LINEAR)
     assert list(params) == ["blocks.0.proj.weight"]  # the head (output embedding) is not pruned
 
     batches = [{"input_ids": torch.tensor([[0, 1, 3, 3], [2, 0, 1, 3]]),
@@ -176,7 +181,7 @@ def test_wanda_changes_the_choice_when_inputs_are_small():
     model = TinyLM(table, out_features=1)
     with torch.no_grad():
         model.blocks[0].proj.weight.copy_(t([3, 1, 2]))
-    params = prune.prunable_params(model)
+    params = prune.prunable_params(model, ANY_LINEAR)
     batches = [{"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 4, dtype=torch.long)}]
     magnitude = prune.masks_from_scores(prune.magnitude_scores(params), 1 / 3, "row")["blocks.0.proj.weight"]
     wanda = prune.masks_from_scores(prune.wanda_scores(model, params, batches), 1 / 3, "row")["blocks.0.proj.weight"]
@@ -187,7 +192,7 @@ def test_wanda_changes_the_choice_when_inputs_are_small():
 def test_wanda_without_calibration_batches_is_a_config_error():
     model = TinyLM(t([1, 2]))
     with pytest.raises(ConfigError, match="calibration.data: wanda needs calibration text"):
-        prune.wanda_scores(model, prune.prunable_params(model), [])
+        prune.wanda_scores(model, prune.prunable_params(model, ANY_LINEAR), [])
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +359,49 @@ def test_prune_recipe_defaults_and_checks():
         with pytest.raises(ConfigError) as err:
             recipe(**fields)
         assert needle in str(err.value) and "\n" not in str(err.value).strip(), (fields, str(err.value))
+
+
+def test_prunable_params_of_every_family_are_its_blocks_projections():
+    from families import CAUSAL, MASKED, tiny_model
+
+    from tunelab.arch import arch_of
+
+    for family in CAUSAL + MASKED:
+        model = tiny_model(family)
+        spec = arch_of(model, "test")
+        assert list(prune.prunable_params(model)) == [
+            n for n, _ in model.named_parameters()
+            if any(n == f"{spec.blocks}.{i}.{p}.weight" for i in range(2) for p in spec.projections)], family
+    gpt2 = tiny_model("gpt2")  # Conv1D projections: magnitude prunes them, Wanda refuses in one line
+    params = prune.prunable_params(gpt2)
+    assert list(params)[:4] == [f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                          "mlp.c_proj")]
+    masks = prune.masks_from_scores(prune.magnitude_scores(params), 0.5, "global")
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.5 * sum(p.numel() for p in params.values()))
+    batch = {"input_ids": torch.tensor([[3, 4, 5]])}
+    with pytest.raises(ModelError, match=r"^wanda: gpt2 stores its projections transposed .*use method magnitude$"):
+        prune.wanda_scores(gpt2, params, [batch])
+
+
+def test_prunable_params_of_an_unknown_family_asks_for_targets():
+    model = TinyLM(t([1, 2]))
+    model.config = SimpleNamespace(model_type="falcon")
+    with pytest.raises(ModelError, match=r"^prune \(default targets; or give targets, regexes over weight names\): "
+                                         r"model family 'falcon' is not in tunelab's architecture table"):
+        prune.prunable_params(model)
+    assert list(prune.prunable_params(model, ANY_LINEAR)) == ["blocks.0.proj.weight"]
+
+
+def test_select_global_matches_a_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.randint(0, 5, (6, 7), generator=g).float(), "b": torch.randint(0, 5, (9,), generator=g).float()}
+    flat = torch.cat([scores["a"].reshape(-1), scores["b"]])
+    for n in (0, 1, 17, 50, 51):
+        chosen = prune.select_global(scores, n)
+        expected = torch.zeros(51, dtype=torch.bool)
+        expected[torch.argsort(flat, stable=True)[:n]] = True  # ties: the earlier entry first
+        assert torch.equal(torch.cat([chosen["a"].reshape(-1), chosen["b"]]), expected), n
+        top = prune.select_global(scores, n, largest=True)
+        expected = torch.zeros(51, dtype=torch.bool)
+        expected[torch.argsort(-flat, stable=True)[:n]] = True
+        assert torch.equal(torch.cat([top["a"].reshape(-1), top["b"]]), expected), n

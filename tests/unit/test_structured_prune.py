@@ -10,8 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from families import CAUSAL, MASKED, tiny_model
 
 from tunelab import models
+from tunelab.arch import SHRINKS, arch_of
 from tunelab.errors import ConfigError, ModelError
 from tunelab.ops.structured import shrink
 
@@ -71,16 +73,20 @@ def _logits(model, batch):
 
 
 def _is_encoder(model):
-    return model.config.model_type in ("bert", "roberta")
+    return arch_of(model, "test").kind == "masked"
 
 
 def _layers(model):
-    return model.base_model.encoder.layer if _is_encoder(model) else model.base_model.layers
+    return arch_of(model, "test").block_list(model)
 
 
 def _zero_columns(linear, columns):
+    """Zero the layer's inputs `columns` (GPT-2's Conv1D stores its weight transposed: rows)."""
     with torch.no_grad():
-        linear.weight[:, columns] = 0
+        if type(linear).__name__ == "Conv1D":
+            linear.weight[columns] = 0
+        else:
+            linear.weight[:, columns] = 0
 
 
 def _masked(big, report):
@@ -92,13 +98,13 @@ def _masked(big, report):
             layers[i].register_forward_hook(
                 lambda mod, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
         return masked
+    spec = arch_of(masked, "test")
     for layer, entry in zip(layers, report["layers"]):
         if report["what"] == "ffn":
-            out = layer.output.dense if _is_encoder(masked) else layer.mlp.down_proj
-            _zero_columns(out, entry["removed"])
+            _zero_columns(layer.get_submodule(spec.ffn_out), entry["removed"])
         else:
-            d = layer.self_attn.head_dim
-            _zero_columns(layer.self_attn.o_proj, [h * d + j for h in entry["removed"] for j in range(d)])
+            d = layer.get_submodule(spec.attention).head_dim
+            _zero_columns(layer.get_submodule(spec.attn_out), [h * d + j for h in entry["removed"] for j in range(d)])
     return masked
 
 
@@ -331,9 +337,34 @@ def test_bad_input_is_one_line_and_changes_nothing(kwargs, error, message):
     assert models.weights_sha256(model) == before and model.config.num_attention_heads == 4
 
 
+@pytest.mark.parametrize("family", CAUSAL + MASKED)
+def test_every_family_shrinks_as_the_table_allows(family, tmp_path):
+    """Each part the table allows: one unit (a KV group of heads) removed per layer computes what the big model
+    computes with it zeroed / skipped, and reloads; each part it refuses: one line naming the family."""
+    big = _perturb(tiny_model(family), 1)
+    spec = arch_of(big, "test")
+    for what in SHRINKS:
+        small = copy.deepcopy(big)
+        if what not in spec.shrinks():
+            with pytest.raises(ModelError, match=rf"^{what}: cannot remove {what} from {family}: [^\n]*instead$"):
+                shrink(small, what, count=1)
+            continue
+        report = shrink(small, what, count=2 if what == "heads" else 1)  # heads: one KV group of 2 query heads
+        assert report["params_after"] < report["params_before"]
+        _check_equal_and_reload(big, small, report, tmp_path / what)
+
+
+def test_gpt2_scaling_attention_by_layer_index_keeps_its_layers():
+    model = tiny_model("gpt2", scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(ModelError, match=r"^layers: this gpt2 scales attention by 1 / \(layer index \+ 1\)"):
+        shrink(model, "layers", count=1)
+    assert len(model.transformer.h) == 2
+
+
 def test_unsupported_models():
-    with pytest.raises(ModelError, match="does not support model_type 'gpt2'; supported: llama, mistral, qwen2"):
-        shrink(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")), "ffn", count=1)
+    with pytest.raises(ModelError, match=r"structured pruning \(ffn\): model family 'falcon' is not in tunelab's "
+                                         "architecture table"):
+        shrink(SimpleNamespace(config=SimpleNamespace(model_type="falcon")), "ffn", count=1)
     with pytest.raises(ModelError, match="heads: cannot remove heads from bert.*prune ffn or layers instead"):
         shrink(_build("bert"), "heads", count=1)
 

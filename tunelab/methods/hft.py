@@ -3,8 +3,8 @@
 Freezing half of the pretrained weights keeps part of the old knowledge untouched, which is where
 the method's smaller forgetting comes from. The half is drawn per category so that every kind of
 weight keeps (and trains) about half of its tensors: within each transformer block, the attention
-tensors, the feed-forward tensors and the norms are three categories (by the sub-module a tensor
-sits in: `self_attn`, `mlp`, ...; norms are found by module type), and the tensors outside the
+tensors, the feed-forward tensors and the norms are three categories (as the architecture table,
+tunelab/arch.py, names a block's parts), and the tensors outside the
 blocks (embeddings, final norm, LM head) are one more. In a category of n tensors, n // 2 are
 frozen, and one more with probability 1/2 when n is odd.
 
@@ -20,7 +20,8 @@ import random
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.methods.lisa import PeriodicSelection, transformer_blocks
+from tunelab.arch import arch_of, block_params
+from tunelab.methods.lisa import PeriodicSelection
 
 
 class HftOptions(BaseModel):
@@ -28,23 +29,18 @@ class HftOptions(BaseModel):
     interval: int | None = Field(None, ge=1)  # steps between draws; null: one draw for the whole run
 
 
-def _is_norm(module) -> bool:
-    import torch
-
-    return isinstance(module, torch.nn.LayerNorm) or "norm" in type(module).__name__.lower()
-
-
 def hft_categories(model) -> list[list[str]]:
     """Parameter names grouped into HFT's categories (see the module docstring), in model order."""
-    prefix, blocks = transformer_blocks(model)
-    norm_params = {f"{m}.{p}" if m else p for m, module in model.named_modules() if _is_norm(module)
-                   for p, _ in module.named_parameters(recurse=False)}
+    spec = arch_of(model, "method hft")
+    prefix, blocks = block_params(model, "method hft")
+    parts = {"norm": spec.norms, "attention": (*spec.qkv, spec.attn_out), "ffn": (*spec.ffn_in, spec.ffn_out)}
     block_of = {name: i for i, block in enumerate(blocks) for name in block}
     groups: dict[tuple, list[str]] = {}
     for name in (n for n, _ in model.named_parameters()):
         if name in block_of:
             inside = name[len(prefix) + 1:].split(".", 1)[1]  # e.g. self_attn.q_proj.weight
-            key = (block_of[name], "norm" if name in norm_params else inside.split(".")[0])
+            key = (block_of[name], next(part for part, modules in parts.items()
+                                        if any(inside.startswith(m + ".") for m in modules)))
         else:
             key = ("outside",)
         groups.setdefault(key, []).append(name)

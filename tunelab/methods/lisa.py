@@ -20,33 +20,9 @@ import random
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.errors import ConfigError, ModelError
+from tunelab.arch import block_params
+from tunelab.errors import ConfigError
 from tunelab.methods.base import Method
-
-
-def transformer_blocks(model) -> tuple[str, list[list[str]]]:
-    """(prefix, parameter names of each block) of the model's stack of transformer blocks.
-
-    The stack is found by shape, not by architecture name: the ModuleList of same-type modules holding
-    the most parameters (llama `model.layers`, BERT `bert.encoder.layer`). Names are those of
-    model.named_parameters() (a tied tensor appears once)."""
-    import torch
-
-    best, best_size = None, 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 \
-                and len({type(child) for child in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = name, size
-    if best is None:
-        raise ModelError("the model has no stack of transformer blocks (a ModuleList of identical layers)")
-    n = len(model.get_submodule(best))
-    blocks: list[list[str]] = [[] for _ in range(n)]
-    for name, _ in model.named_parameters():
-        if name.startswith(best + "."):
-            blocks[int(name[len(best) + 1:].split(".")[0])].append(name)
-    return best, blocks
 
 
 class PeriodicSelection(Method):
@@ -114,7 +90,7 @@ class LISA(PeriodicSelection):
 
     def prepare(self, model, ctx):
         self.seed = ctx.seed
-        self.prefix, self.blocks = transformer_blocks(model)
+        self.prefix, self.blocks = block_params(model, "method lisa")
         gamma, n = self.options.gamma, len(self.blocks)
         if gamma > n:
             raise ConfigError(f"method.options.gamma: {gamma} is more than the model's {n} transformer blocks; "

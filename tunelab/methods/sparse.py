@@ -61,29 +61,6 @@ class SparseOptions(BaseModel):
         return self
 
 
-def top_entries(scores: dict, k: int) -> dict:
-    """Bool masks with exactly the k largest scores over all tensors together; ties go to the earlier
-    entry (tensor order, then flat position), so the choice is deterministic."""
-    import numpy as np
-    import torch
-
-    names = list(scores)
-    flat = torch.cat([scores[n].detach().float().cpu().reshape(-1) for n in names])
-    # The k-th largest score. np.partition works on one copy of the scores (4 bytes each); torch.topk on the
-    # CPU builds a (value, int64 index) pair for every candidate (16 bytes each: 2.5 GB at 200M parameters).
-    at = len(flat) - k
-    kth = torch.tensor(np.partition(flat.numpy(), at)[at])  # a float32 0-d tensor, as topk's min was
-    keep = flat > kth
-    ties = (flat == kth).nonzero().squeeze(1)[:k - int(keep.sum())]
-    keep[ties] = True
-    masks, start = {}, 0
-    for n in names:
-        size = scores[n].numel()
-        masks[n] = keep[start:start + size].reshape(scores[n].shape)
-        start += size
-    return masks
-
-
 def save_sparse_delta(model, masks: dict, path: Path, base_sha256: str | None) -> None:
     from safetensors.torch import save_file
 
@@ -203,12 +180,14 @@ class SparseFT(Method):
     def select_trainable(self, model, step: int) -> bool:
         import torch
 
+        from tunelab.ops import prune
+
         if self.on_device:
             return False
         if not self.masks:  # a fresh run (a resumed one has its masks from method.safetensors)
             scores = self.gradient_scores(model) if self.options.select == "grad" else \
                 {n: p.detach().abs() for n, p in self.candidates.items()}
-            self.masks = {n: m for n, m in top_entries(scores, self.k).items() if m.any()}
+            self.masks = {n: m for n, m in prune.select_global(scores, self.k, largest=True).items() if m.any()}
             self.log(f"sparse: chose {self.k:,} weights by {self.options.select} magnitude, in {len(self.masks)} of "
                      f"{len(self.candidates)} matrices")
         params = dict(model.named_parameters())

@@ -4,9 +4,10 @@ A mask is a bool tensor per pruned matrix (True = kept). The pruned model is an 
 whose pruned weights are 0; `masks.safetensors` beside it records which zeros are pruned, so the
 `masked` method (methods/masked.py) keeps them at 0 through any later training.
 
-What is pruned by default: the 2-D weights of the linear layers inside the transformer blocks
-(attention and MLP projections), as in the magnitude-pruning, lottery-ticket and Wanda papers.
-Embeddings, the LM head, norms and biases are kept dense. `targets` (regexes) overrides this.
+What is pruned by default: the attention and FFN projections of every block, as the architecture
+table (tunelab/arch.py) names them, as in the magnitude-pruning, lottery-ticket and Wanda papers.
+Embeddings, the LM head, norms and biases are kept dense. `targets` (regexes over the names of
+linear weights) overrides this, for any model.
 """
 
 from __future__ import annotations
@@ -16,29 +17,35 @@ from pathlib import Path
 
 import torch
 
+from tunelab.arch import arch_of, is_conv1d
 from tunelab.errors import ConfigError, ModelError
 
 MASKS_FILE = "masks.safetensors"
-_IN_A_BLOCK = re.compile(r"\.\d+\.")  # the block index in e.g. model.layers.3.mlp.up_proj.weight
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
 
 
 def prunable_params(model, targets: list[str] | None = None) -> dict[str, torch.nn.Parameter]:
     """name -> weight of every matrix pruning applies to (see the module docstring), in model order."""
+    if targets is None:
+        spec = arch_of(model, "prune (default targets; or give targets, regexes over weight names)")
+        wanted = {f"{spec.blocks}.{i}.{p}" for i in range(len(spec.block_list(model))) for p in spec.projections}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     chosen = {}
     for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is output:
-            continue
         name = f"{module_name}.weight"
         if targets is None:
-            if _IN_A_BLOCK.search(f".{module_name}."):
-                chosen[name] = module.weight
-        elif any(re.search(t, name) for t in targets):
+            take = module_name in wanted
+        else:
+            take = _is_linear(module) and module is not output and any(re.search(t, name) for t in targets)
+        if take:
             chosen[name] = module.weight
     if not chosen:
-        what = f"targets {targets} match" if targets else "the model has"
-        names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:8]
-        raise ModelError(f"prune: {what} no linear weights to prune; linear weights: {', '.join(names) or 'none'}")
+        names = [f"{n}.weight" for n, m in model.named_modules() if _is_linear(m)][:8]
+        raise ModelError(f"prune: targets {targets} match no linear weights to prune; linear weights: "
+                         f"{', '.join(names) or 'none'}")
     return chosen
 
 
@@ -46,13 +53,36 @@ def _count(sparsity: float, n: int) -> int:
     return int(round(sparsity * n))
 
 
-def _prune_lowest(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Mask keeping all but the `n_prune` lowest scores (ties: the earlier index goes first), any shape."""
+def lowest(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask (any shape, CPU) of exactly the n lowest scores; ties go to the earlier flat index.
+
+    np.partition finds the n-th value on one copy of the scores (4 bytes each); an argsort or torch.topk
+    holds an int64 index per score as well (2.5 GB more at 200M parameters)."""
+    import numpy as np
+
     flat = scores.reshape(-1)
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    if n_prune > 0:
-        keep[torch.argsort(flat, stable=True)[:n_prune]] = False
-    return keep.reshape(scores.shape)
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    if n > 0:
+        nth = torch.tensor(np.partition(flat.numpy(), n - 1)[n - 1])
+        chosen = flat < nth
+        chosen[(flat == nth).nonzero().squeeze(1)[:n - int(chosen.sum())]] = True
+    return chosen.reshape(scores.shape)
+
+
+def select_global(scores: dict[str, torch.Tensor], n: int, largest: bool = False) -> dict[str, torch.Tensor]:
+    """Bool masks of exactly the n lowest (`largest`: highest) scores over all tensors together; ties go to
+    the earlier entry (tensor order, then flat position). Global pruning and sparse fine-tuning's choice."""
+    names = list(scores)
+    flat = torch.cat([scores[k].detach().float().cpu().reshape(-1) for k in names])
+    if largest:
+        flat.neg_()  # the n highest are the n lowest of the negated scores, with the same tie rule
+    chosen = lowest(flat, n)
+    masks, start = {}, 0
+    for k in names:
+        size = scores[k].numel()
+        masks[k] = chosen[start:start + size].reshape(scores[k].shape)
+        start += size
+    return masks
 
 
 def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "layer",
@@ -71,26 +101,19 @@ def masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float, scope: s
         return int((~group_mask).sum()) if group_mask is not None else 0
 
     if scope == "global":
-        names = list(scores)
-        flat = torch.cat([scores[k].reshape(-1) for k in names])
-        prev = torch.cat([previous[k].reshape(-1).cpu() for k in names]) if previous else None
-        keep = _prune_lowest(flat, max(_count(sparsity, flat.numel()), already(prev)))
-        out, start = {}, 0
-        for k in names:
-            n = scores[k].numel()
-            out[k] = keep[start:start + n].reshape(scores[k].shape)
-            start += n
-        return out
+        total = sum(v.numel() for v in scores.values())
+        n_prune = max(_count(sparsity, total), sum(already(previous[k]) for k in scores) if previous else 0)
+        return {k: ~pruned for k, pruned in select_global(scores, n_prune).items()}
     if scope == "layer":
-        return {k: _prune_lowest(v, max(_count(sparsity, v.numel()), already(previous[k] if previous else None)))
+        return {k: ~lowest(v, max(_count(sparsity, v.numel()), already(previous[k] if previous else None)))
                 for k, v in scores.items()}
     if scope == "row":
         out = {}
         for k, v in scores.items():
             rows = v.reshape(v.shape[0], -1)
             prev = previous[k].reshape(rows.shape).cpu() if previous else None
-            out[k] = torch.stack([_prune_lowest(r, max(_count(sparsity, r.numel()),
-                                                       already(prev[i] if prev is not None else None)))
+            out[k] = torch.stack([~lowest(r, max(_count(sparsity, r.numel()),
+                                                 already(prev[i] if prev is not None else None)))
                                   for i, r in enumerate(rows)]).reshape(v.shape)
         return out
     raise ConfigError(f"scope: {scope!r} is not one of global, layer, row")
@@ -134,6 +157,10 @@ def wanda_scores(model, params: dict[str, torch.Tensor], batches: list[dict]) ->
     """Wanda (Sun et al. 2023): |W_ij| · ‖x_j‖₂, the weight's size times its input's size on calibration data."""
     if not batches:
         raise ConfigError("calibration.data: wanda needs calibration text (give sources, e.g. builtin:prose)")
+    modules = dict(model.named_modules())
+    if any(not isinstance(modules.get(k.removesuffix(".weight")), torch.nn.Linear) for k in params):
+        raise ModelError(f"wanda: {model.config.model_type} stores its projections transposed (GPT-2's Conv1D), "
+                         "which Wanda's per-row comparison does not handle; use method magnitude")
     norms = input_norms(model, params, batches)
     return {k: p.detach().abs().float().cpu() * norms[k].unsqueeze(0) for k, p in params.items()}
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tunelab.arch import SHRINKS as WHAT
+from tunelab.arch import Arch, arch_of, is_conv1d
 from tunelab.errors import ConfigError, ModelError
 
-# model_type -> layout. Decoders: model.model.layers[i].self_attn.{q,k,v,o}_proj, .mlp.{gate,up,down}_proj
-# (pre-norm residual blocks). Encoders: model.<bert|roberta>.encoder.layer[i].attention.self.{query,key,value},
-# .attention.output.dense, .intermediate.dense, .output.dense (post-norm blocks).
-FAMILIES = {"llama": "decoder", "mistral": "decoder", "qwen2": "decoder", "bert": "encoder", "roberta": "encoder"}
-WHAT = ("heads", "ffn", "layers")
 CRITERIA = ("magnitude", "loss")
-# Config lists with one entry per layer, sliced when layers are removed (qwen2's sliding/full attention).
-PER_LAYER_FIELDS = ("layer_types",)
+# Config lists with one entry per layer, sliced when layers are removed (sliding/full attention; smollm3's
+# layers without RoPE).
+PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
 
 
 def shrink(model, what: str, *, fraction: float | None = None, count: int | None = None,
@@ -39,8 +37,8 @@ def shrink(model, what: str, *, fraction: float | None = None, count: int | None
     remove the same number of units in each layer, each layer keeping its own best-scoring units.
 
     Units and criteria (the lowest scores are removed; ties go to the lower index):
-      ffn     one neuron: its rows of gate_proj and up_proj (intermediate.dense) and its column of
-              down_proj (output.dense).
+      ffn     one neuron: its rows of gate_proj and up_proj (fc1; both halves of a fused gate_up) and its
+              column of down_proj (fc2); GPT-2's Conv1D stores these transposed.
       heads   one KV head with the query heads that share it (with multi-head attention, one head): its rows
               of q/k/v_proj (and biases) and its columns of o_proj. With grouped-query attention whole groups
               go, so the grouping stays valid: a count is in query heads and must be a multiple of the group
@@ -61,10 +59,9 @@ def shrink(model, what: str, *, fraction: float | None = None, count: int | None
                 one forward pass per layer and batch; layers are scored independently, not greedily).
       Scoring runs in eval mode (no dropout); the model's mode is restored afterwards.
 
-    Families: llama, mistral, qwen2 (q/k/v biases included) and bert, roberta for ffn and layers.
+    Families: where the architecture table (tunelab/arch.py) finds the parts; what a family cannot do
+    (`Arch.refuses`: heads of fused-qkv or BERT-style attention, modernbert's layers...) is a ModelError.
     Limits:
-      - BERT/RoBERTa heads: their attention computes the head size as hidden_size / num_attention_heads,
-        so fewer heads of the same size cannot be written in their config: a ModelError.
       - llama heads: LlamaConfig requires hidden_size divisible by num_attention_heads, so only counts that
         leave such a number of heads are accepted (the error lists them); mistral and qwen2 have no such rule.
         `head_dim` is written explicitly into the config.
@@ -84,32 +81,21 @@ def shrink(model, what: str, *, fraction: float | None = None, count: int | None
     Errors: bad options raise a one-line ConfigError, an unsupported model or shape a one-line ModelError;
     nothing is changed in the model when an error is raised.
     """
-    family = _family(model)
+    family = arch_of(model, f"structured pruning ({what})")
     _check_options(what, fraction, count, criterion, batches)
-    if what == "heads" and family == "encoder":
-        raise ModelError(f"heads: cannot remove heads from {model.config.model_type}: its attention takes the head "
-                         "size as hidden_size / num_attention_heads, so fewer heads cannot be saved in its config; "
-                         "prune ffn or layers instead")
+    family.check(what)
     params_before = _count_params(model)
     if what == "layers":
         report = _shrink_layers(model, family, fraction, count, criterion, batches)
     elif what == "ffn":
         report = _shrink_ffn(model, family, fraction, count, criterion, batches)
     else:
-        report = _shrink_heads(model, fraction, count, criterion, batches)
+        report = _shrink_heads(model, family, fraction, count, criterion, batches)
     return {"what": what, "criterion": criterion, **report, "params_before": params_before,
             "params_after": _count_params(model)}
 
 
 # ---------------------------------------------------------------- checks
-
-
-def _family(model) -> str:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ModelError(f"structured pruning does not support model_type {model_type!r}; "
-                         f"supported: {', '.join(FAMILIES)}")
-    return FAMILIES[model_type]
 
 
 def _check_options(what, fraction, count, criterion, batches) -> None:
@@ -154,31 +140,32 @@ def _how_many(n: int, fraction, count, noun: str, scope: str = "", step: int = 1
 # ---------------------------------------------------------------- model structure
 
 
-def _layers(model, family) -> nn.ModuleList:
-    base = model.base_model
-    return base.layers if family == "decoder" else base.encoder.layer
+def _layers(model, family: Arch) -> nn.ModuleList:
+    return family.block_list(model)
 
 
-def _set_layers(model, family, layers: nn.ModuleList) -> None:
-    base = model.base_model
-    if family == "decoder":
-        base.layers = layers
-    else:
-        base.encoder.layer = layers
+def _set_layers(model, family: Arch, layers: nn.ModuleList) -> None:
+    parent, _, name = family.blocks.rpartition(".")
+    setattr(model.get_submodule(parent), name, layers)
 
 
-def _ffn_linears(layer, family):
-    """(linears whose output rows are the neurons, linear whose input columns are the neurons)."""
-    if family == "decoder":
-        return [layer.mlp.gate_proj, layer.mlp.up_proj], layer.mlp.down_proj
-    return [layer.intermediate.dense], layer.output.dense
+def _ffn_linears(layer, family: Arch):
+    """(linears whose outputs are the neurons, linear whose inputs are the neurons)."""
+    return [layer.get_submodule(n) for n in family.ffn_in], layer.get_submodule(family.ffn_out)
 
 
-def _output_linears(layer, family):
+def _output_linears(layer, family: Arch):
     """What a layer writes into the residual stream."""
-    if family == "decoder":
-        return [layer.self_attn.o_proj, layer.mlp.down_proj]
-    return [layer.attention.output.dense, layer.output.dense]
+    return [layer.get_submodule(family.attn_out), layer.get_submodule(family.ffn_out)]
+
+
+def _out_dim(module) -> int:
+    """The weight dimension that indexes the layer's outputs."""
+    return 1 if is_conv1d(module) else 0
+
+
+def _n_inputs(module) -> int:
+    return module.weight.shape[1 - _out_dim(module)]
 
 
 def _count_params(model) -> int:
@@ -189,18 +176,24 @@ def _replace(param: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(data.contiguous(), requires_grad=param.requires_grad)
 
 
-def _keep_rows(linear: nn.Linear, index: torch.Tensor) -> None:
+def _keep_outputs(linear, index: torch.Tensor) -> None:
     index = index.to(linear.weight.device)
-    linear.weight = _replace(linear.weight, linear.weight.data.index_select(0, index))
+    linear.weight = _replace(linear.weight, linear.weight.data.index_select(_out_dim(linear), index))
     if linear.bias is not None:
         linear.bias = _replace(linear.bias, linear.bias.data.index_select(0, index))
-    linear.out_features = len(index)
+    if is_conv1d(linear):
+        linear.nf = len(index)
+    else:
+        linear.out_features = len(index)
 
 
-def _keep_columns(linear: nn.Linear, index: torch.Tensor) -> None:
+def _keep_inputs(linear, index: torch.Tensor) -> None:
     index = index.to(linear.weight.device)
-    linear.weight = _replace(linear.weight, linear.weight.data.index_select(1, index))
-    linear.in_features = len(index)  # the bias belongs to the outputs: unchanged
+    linear.weight = _replace(linear.weight, linear.weight.data.index_select(1 - _out_dim(linear), index))
+    if is_conv1d(linear):
+        linear.nx = len(index)
+    else:
+        linear.in_features = len(index)  # the bias belongs to the outputs: unchanged
 
 
 def _pick(scores: torch.Tensor, n_remove: int) -> tuple[list[int], list[int]]:
@@ -211,15 +204,17 @@ def _pick(scores: torch.Tensor, n_remove: int) -> tuple[list[int], list[int]]:
     return kept, removed
 
 
-def _row_norms_sq(linear: nn.Linear) -> torch.Tensor:
-    sq = linear.weight.detach().double().pow(2).sum(1)
+def _row_norms_sq(linear) -> torch.Tensor:
+    """Per output: the squared norm of its weights and bias."""
+    sq = linear.weight.detach().double().pow(2).sum(1 - _out_dim(linear))
     if linear.bias is not None:
         sq = sq + linear.bias.detach().double().pow(2)
     return sq.cpu()
 
 
-def _column_norms_sq(linear: nn.Linear) -> torch.Tensor:
-    return linear.weight.detach().double().pow(2).sum(0).cpu()
+def _column_norms_sq(linear) -> torch.Tensor:
+    """Per input: the squared norm of its weights."""
+    return linear.weight.detach().double().pow(2).sum(_out_dim(linear)).cpu()
 
 
 def _apply_config(model, changes: dict) -> dict:
@@ -256,25 +251,25 @@ class _EvalMode:
         self.model.train(self.training)
 
 
-def _loss(model, family, batch) -> torch.Tensor:
-    extra = {"use_cache": False} if family == "decoder" else {}
+def _loss(model, family: Arch, batch) -> torch.Tensor:
+    extra = {"use_cache": False} if family.kind == "causal" else {}
     return model(**batch, **extra).loss
 
 
-def _output_gate_scores(model, family, batches, linears: list[nn.Linear], group: int) -> list[torch.Tensor]:
+def _output_gate_scores(model, family, batches, linears: list, group: int) -> list[torch.Tensor]:
     """Per linear: sum over batches of |sum over each unit's input columns of w * dL_b/dw|, a unit being
     `group` consecutive columns. That sum is dL_b/dm for a gate m multiplying the unit's output."""
     weights = [lin.weight for lin in linears]
     flags = [w.requires_grad for w in weights]
-    scores = [torch.zeros(w.shape[1] // group, dtype=torch.float64) for w in weights]
+    scores = [torch.zeros(_n_inputs(lin) // group, dtype=torch.float64) for lin in linears]
     try:
         for w in weights:
             w.requires_grad_(True)  # frozen weights too: we need their gradients, never their updates
         with _EvalMode(model), torch.enable_grad():
             for batch in batches:
                 grads = torch.autograd.grad(_loss(model, family, batch), weights)
-                for i, (w, g) in enumerate(zip(weights, grads)):
-                    per_column = (w.detach().double() * g.double()).sum(0)
+                for i, (lin, w, g) in enumerate(zip(linears, weights, grads)):
+                    per_column = (w.detach().double() * g.double()).sum(_out_dim(lin))
                     scores[i] += per_column.view(-1, group).sum(1).abs().cpu()
     finally:
         for w, flag in zip(weights, flags):
@@ -308,7 +303,7 @@ def _skip_loss_scores(model, family, batches) -> torch.Tensor:
 
 def _shrink_ffn(model, family, fraction, count, criterion, batches) -> dict:
     layers = _layers(model, family)
-    n = model.config.intermediate_size
+    n = _n_inputs(_ffn_linears(layers[0], family)[1])  # gpt2's n_inner may be None (4 x hidden)
     n_remove = _how_many(n, fraction, count, "neurons", " per layer")
     if criterion == "loss":
         scores = _output_gate_scores(model, family, batches, [_ffn_linears(layer, family)[1] for layer in layers], 1)
@@ -316,18 +311,19 @@ def _shrink_ffn(model, family, fraction, count, criterion, batches) -> dict:
         scores = []
         for layer in layers:
             inputs, output = _ffn_linears(layer, family)
-            reads = sum(_row_norms_sq(lin) for lin in inputs).sqrt()
+            reads = sum(_row_norms_sq(lin).view(-1, n).sum(0) for lin in inputs).sqrt()  # fused: [gate; up]
             scores.append(reads * _column_norms_sq(output).sqrt())
     picks = [_pick(s, n_remove) for s in scores]
     changes = {}
     if n_remove:
-        changes = _apply_config(model, {"intermediate_size": n - n_remove})
+        changes = _apply_config(model, {family.ffn_size: n - n_remove})
         for layer, (kept, _) in zip(layers, picks):
             index = torch.tensor(kept, dtype=torch.long)
             inputs, output = _ffn_linears(layer, family)
+            rows = torch.cat([index, index + n]) if family.fused_gate_up else index
             for lin in inputs:
-                _keep_rows(lin, index)
-            _keep_columns(output, index)
+                _keep_outputs(lin, rows)
+            _keep_inputs(output, index)
     return {"unit": "neuron", "removed_per_layer": n_remove,
             "layers": [{"layer": i, "kept": kept, "removed": removed} for i, (kept, removed) in enumerate(picks)],
             "config_changes": changes}
@@ -336,13 +332,18 @@ def _shrink_ffn(model, family, fraction, count, criterion, batches) -> dict:
 # ---------------------------------------------------------------- heads (decoders)
 
 
-def _shrink_heads(model, fraction, count, criterion, batches) -> dict:
+def _shrink_heads(model, family: Arch, fraction, count, criterion, batches) -> dict:
     config = model.config
-    layers = _layers(model, "decoder")
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    layers = _layers(model, family)
+    n_heads = getattr(config, family.n_heads)
+    n_kv = getattr(config, family.n_kv_heads, None) or n_heads
     group = n_heads // n_kv  # query heads per KV head: the unit removed together
-    head_dim = layers[0].self_attn.head_dim
+    head_dim = layers[0].get_submodule(family.attention).head_dim
+
+    def attention(layer):  # (module, q, k, v, o)
+        return (layer.get_submodule(family.attention),
+                *(layer.get_submodule(n) for n in (*family.qkv, family.attn_out)))
+
     if count is not None:
         _how_many(n_heads, None, count, "heads", " per layer", step=group)  # counted in heads, not groups
         if count % group:
@@ -361,15 +362,14 @@ def _shrink_heads(model, fraction, count, criterion, batches) -> dict:
 
     rows = group * head_dim  # o_proj columns per unit
     if criterion == "loss":
-        scores = _output_gate_scores(model, "decoder", batches, [layer.self_attn.o_proj for layer in layers], rows)
+        scores = _output_gate_scores(model, family, batches, [attention(layer)[4] for layer in layers], rows)
     else:
         scores = []
         for layer in layers:
-            attn = layer.self_attn
-            reads = (_row_norms_sq(attn.q_proj).view(n_kv, rows).sum(1)
-                     + _row_norms_sq(attn.k_proj).view(n_kv, head_dim).sum(1)
-                     + _row_norms_sq(attn.v_proj).view(n_kv, head_dim).sum(1)).sqrt()
-            scores.append(reads * _column_norms_sq(attn.o_proj).view(n_kv, rows).sum(1).sqrt())
+            _, q, k, v, o = attention(layer)
+            reads = (_row_norms_sq(q).view(n_kv, rows).sum(1) + _row_norms_sq(k).view(n_kv, head_dim).sum(1)
+                     + _row_norms_sq(v).view(n_kv, head_dim).sum(1)).sqrt()
+            scores.append(reads * _column_norms_sq(o).view(n_kv, rows).sum(1).sqrt())
     picks = [_pick(s, n_groups) for s in scores]
 
     def query_heads(groups):
@@ -378,17 +378,17 @@ def _shrink_heads(model, fraction, count, criterion, batches) -> dict:
     changes = {}
     if n_groups:
         # head_dim explicit: hidden_size no longer equals num_attention_heads * head_dim.
-        changes = _apply_config(model, {"num_attention_heads": new_heads, "num_key_value_heads": n_kv - n_groups,
+        changes = _apply_config(model, {family.n_heads: new_heads, family.n_kv_heads: n_kv - n_groups,
                                         "head_dim": head_dim})
         for layer, (kept, _) in zip(layers, picks):
-            attn = layer.self_attn
+            attn, q, k, v, o = attention(layer)
             kv_index = torch.tensor([g * head_dim + d for g in kept for d in range(head_dim)], dtype=torch.long)
             q_index = torch.tensor([h * head_dim + d for h in query_heads(kept) for d in range(head_dim)],
                                    dtype=torch.long)
-            _keep_rows(attn.q_proj, q_index)
-            _keep_rows(attn.k_proj, kv_index)
-            _keep_rows(attn.v_proj, kv_index)
-            _keep_columns(attn.o_proj, q_index)
+            _keep_outputs(q, q_index)
+            _keep_outputs(k, kv_index)
+            _keep_outputs(v, kv_index)
+            _keep_inputs(o, q_index)
             # Older or other attention classes cache head counts on the module; keep them true.
             for attr, value in (("num_heads", new_heads), ("num_key_value_heads", n_kv - n_groups)):
                 if isinstance(getattr(attn, attr, None), int):
@@ -406,6 +406,9 @@ def _shrink_layers(model, family, fraction, count, criterion, batches) -> dict:
     layers = _layers(model, family)
     n = len(layers)
     n_remove = _how_many(n, fraction, count, "layers")
+    if n_remove and getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
+        raise ModelError("layers: this gpt2 scales attention by 1 / (layer index + 1), so the kept layers would "
+                         "compute something else at their new index; prune ffn instead")
     if criterion == "loss":
         scores = _skip_loss_scores(model, family, batches)
     else:
@@ -414,7 +417,7 @@ def _shrink_layers(model, family, fraction, count, criterion, batches) -> dict:
     kept, removed = _pick(scores, n_remove)
     changes = {}
     if n_remove:
-        update = {"num_hidden_layers": n - n_remove}
+        update = {family.n_layers: n - n_remove}
         for field in PER_LAYER_FIELDS:
             value = getattr(model.config, field, None)
             if isinstance(value, list) and len(value) == n:
