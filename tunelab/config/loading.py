@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from tunelab.errors import ConfigError
 
 from tunelab.config.base import Section, did_you_mean
-from tunelab.config.ops import MergeRecipe, PruneRecipe
+from tunelab.config.ops import AverageRecipe, MergeRecipe, PruneRecipe
 from tunelab.config.training import FinetuneRecipe, PretrainRecipe, TrainingRecipe, _as_source_list
 
 class YamlLoader(yaml.SafeLoader):
@@ -234,4 +234,4 @@ def dump_config(cfg: BaseModel) -> str:
 # The recipe is a union discriminated by `kind`: validate_recipe picks the class from this table, so
 # each kind validates its own sections. A new kind adds its class here and a line in stages.STAGES.
 RECIPE_KINDS: dict[str, type[Section]] = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe,
-                                          "merge": MergeRecipe, "prune": PruneRecipe}
+                                          "merge": MergeRecipe, "prune": PruneRecipe, "average": AverageRecipe}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from html import escape
 
+from tunelab import lineage
 from tunelab.report import svg
 from tunelab.report.collect import Entry, EvalStage, summary
 
@@ -327,7 +328,7 @@ def _parents(entry: Entry) -> str:
         if not isinstance(p, dict):
             continue
         what = p.get("run") or p.get("path") or p.get("preset") or p.get("id") or p.get("kind")
-        digest = p.get("weights_sha256") or p.get("sha256") or p.get("weights_sha256_in_memory")
+        digest = lineage.digest(p)
         parts.append(f"{escape(str(p.get('role', 'parent')))}: <span class=\"mono\">{escape(str(what))}</span>"
                      + (f' <span class="muted mono">{escape(str(digest)[:12])}</span>' if digest else ""))
     return "<br>".join(parts) or "–"

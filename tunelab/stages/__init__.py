@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "finetune": "tunelab.stages.train:run_training",
     "merge": "tunelab.stages.merge:run_merge",
     "prune": "tunelab.stages.prune:run_prune",
+    "average": "tunelab.stages.average:run_average",
 }
 
 
