@@ -42,7 +42,7 @@ def export_model(source: str | Path, out: str | Path, merge: bool = False, base:
             base_dir = Path(item.info["adapter_base"]["path"])
             parents = [{"role": "base", **item.info["adapter_base"],
                         "weights_sha256": weight_files_sha256(base_dir) if base_dir.is_dir() else None},
-                       {**parents[0], "role": "adapter", "adapter_base": None}]
+                       {**{k: v for k, v in parents[0].items() if k != "adapter_base"}, "role": "adapter"}]
         operation.write_records(staged, "export", out.name, parents, merged=item.adapter)
     log(f"exported {item.path} -> {out}" + (" (adapter merged into its base)" if item.adapter else ""))
     return out

@@ -160,19 +160,16 @@ def run_prune(cfg: PruneRecipe, out=None, resume: bool = False, quiet: bool = Fa
     """Prune the recipe's model into `out` (default runs/<name>): an HF model directory with lineage.json and
     prune.json. With resume, a finished prune in `out` is kept and returned."""
     from tunelab.ops import operation
+    from tunelab.stages.lottery import run_lottery
 
     log = (lambda *a: None) if quiet else (log or print)
-    if cfg.method == "imp":  # a lottery resumes round by round in its own directory
-        from tunelab.stages.lottery import run_lottery
-
-        out = Path(out).expanduser() if out else Path("runs") / cfg.name
-        if not (resume and (out / "rounds").is_dir()):
-            out, done = operation.output_dir(out, cfg.name, "prune", resume, log)
-            if done:
-                return out
-        return run_lottery(cfg, out, quiet=quiet, log=log)
+    rounds = Path(out or Path("runs") / cfg.name).expanduser() / "rounds"
+    if cfg.method == "imp" and resume and rounds.is_dir() and not (rounds.parent / "lineage.json").is_file():
+        return run_lottery(cfg, rounds.parent, quiet=quiet, log=log)  # an unfinished lottery resumes round by round
     out, done = operation.output_dir(out, cfg.name, "prune", resume, log)
-    return out if done else _prune_saved_model(cfg, out, log)
+    if done:
+        return out
+    return run_lottery(cfg, out, quiet=quiet, log=log) if cfg.method == "imp" else _prune_saved_model(cfg, out, log)
 
 
 def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
