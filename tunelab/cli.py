@@ -108,7 +108,8 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
         table.add_column(col, justify="left" if col in ("domain", "split") else "right")
     for domain, r in results.items():
-        table.add_row(domain, r["split"], f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
+        split = r["split"] + (f" ({r['eval_fraction']})" if r.get("eval_fraction") else "")  # the training's split
+        table.add_row(domain, split, f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
                       f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
     Console().print(table)
 

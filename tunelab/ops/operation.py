@@ -1,18 +1,7 @@
-"""The scaffold every model operation runs in (merge, prune, export, average; grow and expand-vocab next).
-
-An operation is a stage function that calls these in order, with its own work in the middle:
-
-    out, done = output_dir(out, cfg.name, "merge", resume, log)    # refuses an occupied directory
-    if done: return out                                             # resume: a finished one is kept
-    items = resolve_inputs([(path, role, field), ...])             # runs -> final/, adapters, package:
-    with staged_output(out) as (staged, work):                     # renamed to `out` only on success
-        for item in items: materialize(item, work, log)           # adapters merged onto their base
-        scorer = make_scorer(cfg.eval, [i.path for i in items], log)   # None when eval.data is []
-        ... the operation: write the model into `staged`, score before / after ...
-        write_records(staged, "merge", cfg.name, [parent_entry(i) for i in items], "merge.json", record, ...)
-
-Nothing half-written survives a failure: everything goes to a temporary directory beside `out`, removed
-on any error. An existing, non-empty output is never overwritten.
+"""The scaffold every model operation runs in (merge, prune, export, average; grow and expand-vocab next):
+plain functions a stage calls in order (ARCHITECTURE.md, "A model operation"): `output_dir` (never
+overwrites; resume keeps a finished one), `resolve_inputs` + `materialize`, `staged_output` (renamed to
+`out` only on success, so nothing half-written survives a failure), `make_scorer`, `write_records`.
 """
 
 from __future__ import annotations

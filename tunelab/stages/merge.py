@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tunelab.config import MergeRecipe, RECIPES_DIR, apply_overrides, read_yaml, resolve_recipe_path, validate
+from tunelab.config import MergeRecipe, apply_overrides, is_recipe, read_yaml, resolve_recipe_path, validate
 from tunelab.errors import ConfigError
 
 MERGED = "merge"  # the merged model's column in the eval table
@@ -27,9 +27,6 @@ MODEL_FILES = ("config.json", "generation_config.json")
 
 
 # ---------------------------------------------------------------- recipes and the one-line form
-
-
-MERGE_RECIPES_DIR = RECIPES_DIR / "merges"  # shipped merge recipes (apart: the training recipes' tests run every *.yaml)
 
 
 def load_merge_recipe(recipe: str | Path, overrides: list[str] | None = None) -> MergeRecipe:
@@ -48,15 +45,6 @@ def validate_merge(data: dict, source: str) -> MergeRecipe:
     return validate({**data, "kind": "merge"}, source, MergeRecipe)
 
 
-def is_recipe(arg: str) -> bool:
-    """A YAML file or the name of a shipped recipe (a model directory never is)."""
-    path = Path(arg)
-    if path.is_dir():
-        return False
-    return path.suffix in (".yaml", ".yml") or (not path.exists() and any(
-        (where / f"{arg}.yaml").is_file() for where in (MERGE_RECIPES_DIR, RECIPES_DIR)))
-
-
 def parse_weights(text: str, n: int) -> list[float]:
     try:
         weights = [float(x) for x in text.replace(" ", "").split(",") if x]
@@ -73,7 +61,7 @@ def cli_recipe(args: list[str], method: str | None = None, base: str | None = No
     """`tunelab merge RECIPE [--set ...]` or the one-line form `tunelab merge MODEL_DIR... --method ...`."""
     if not args:
         raise ConfigError("merge: give a merge recipe, or two or more model directories")
-    if is_recipe(args[0]):
+    if is_recipe(args[0], "merges"):
         flags = {"--method": method, "--base": base, "--weights": weights, "--density": density, "--seed": seed,
                  "--data": data or None}
         given = [flag for flag, value in flags.items() if value is not None]

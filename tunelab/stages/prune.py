@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tunelab.config import PruneRecipe, RECIPES_DIR, STRUCTURED, apply_overrides, read_yaml, resolve_recipe_path, validate
+from tunelab.config import PruneRecipe, RECIPES_DIR, STRUCTURED, apply_overrides, is_recipe, read_yaml, resolve_recipe_path, validate
 from tunelab.errors import ConfigError
 
 PRUNE_RECIPES_DIR = RECIPES_DIR / "prunes"
@@ -37,11 +37,9 @@ def cli_recipe(target: str, method: str | None = None, sparsity: float | None = 
                data: list[str] | None = None, criterion: str | None = None, scope: str | None = None,
                overrides: list[str] | None = None, name: str | None = None) -> PruneRecipe:
     """`tunelab prune RECIPE [--set ...]` or the one-line form `tunelab prune MODEL_DIR --method ... --sparsity ...`."""
-    from tunelab.stages.merge import is_recipe
-
     flags = {"--method": method, "--sparsity": sparsity, "--count": count, "--data": data or None,
              "--criterion": criterion, "--scope": scope}
-    if is_recipe(target) or (not Path(target).exists() and (PRUNE_RECIPES_DIR / f"{target}.yaml").is_file()):
+    if is_recipe(target, "prunes"):
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
             raise ConfigError(f"prune: {target} is a recipe: change it with --set (e.g. --set sparsity=0.7), "
