@@ -143,9 +143,8 @@ class Scorer:
         if not self.splits:
             self.splits = {d: {"split": r["split"], "eval_fraction": r["eval_fraction"]} for d, r in results.items()}
             self.log("scored on " + ", ".join(
-                f"{d} ({s['split']}" + (f", eval_fraction {s['eval_fraction']}: the split its training held out)"
-                                        if s["split"] == "held-out" else ": no input trained on it)")
-                for d, s in self.splits.items()))
+                f"{d} (" + (f"held-out split, eval_fraction {s['eval_fraction']}: as its training held it out)"
+                            if s["split"] == "held-out" else "whole: not trained on)") for d, s in self.splits.items()))
             self.log = lambda *a: None  # the data lines once, not once per model
         return {d: {k: r[k] for k in ("loss", "ppl", "bpb", "eval_tokens")} for d, r in results.items()}
 
