@@ -177,7 +177,7 @@ def test_errors(trained_run, tmp_path):
     quiet = {"log": lambda *a: None}
     with pytest.raises(RunDirError, match="no checkpoint at step 5 \\(it has steps 3, 6, 9\\)"):
         average_checkpoints(trained_run, tmp_path / "a", steps=[3, 5], **quiet)
-    with pytest.raises(ConfigError, match="--last and --steps"):
+    with pytest.raises(ConfigError, match="last and steps: give one of them"):
         average_checkpoints(trained_run, tmp_path / "a", last=2, steps=[3, 6], **quiet)
     with pytest.raises(ConfigError, match="--steps"):
         parse_steps("3,six")

@@ -296,12 +296,6 @@ class AverageRecipe(Section):
             raise ValueError("steps: give at least one step, e.g. [200, 300, 400]")
         return self
 
-    @staticmethod
-    def expand_shorthands(data: dict) -> dict:
-        if isinstance(data.get("eval"), dict) and isinstance(data["eval"].get("data"), (str, list)):
-            data["eval"]["data"] = _as_source_list(data["eval"]["data"])
-        return data
-
     def model_paths(self) -> list[str]:
         return [self.run]
 

@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 
 from tunelab.config import AverageRecipe, validate
-from tunelab.errors import ConfigError, ModelError
+from tunelab.errors import ModelError
 
 
 def cli_recipe(run: str | Path, last: int | None = None, steps: list[int] | None = None,
                name: str = "average") -> AverageRecipe:
     """`tunelab average RUN --last K | --steps A,B`."""
-    if last is not None and steps is not None:
-        raise ConfigError("--last and --steps: give one of them, not both")
     return validate({"kind": "average", "name": name, "run": str(run), "last": last, "steps": steps}, "average",
                     AverageRecipe)
 
