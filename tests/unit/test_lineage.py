@@ -44,6 +44,9 @@ def test_records_written_by_main_read_in_the_current_schema(main_runs):
     lora_init = lineage.read(main_runs / "lora")["parents"][0]
     assert base["weights_sha256_in_memory"] == lora_init["weights_sha256_in_memory"] and "weights_sha256" not in base
     assert adapter["role"] == "adapter" and len(adapter["file_sha256"]) == 64
+    soup = lineage.read(main_runs / "soup")  # main's merge stored the adapter's base by its in-memory hash too
+    assert soup["parents"][2]["adapter_base"] == {"path": lora_init["path"],
+                                                  "weights_sha256_in_memory": lora_init["weights_sha256_in_memory"]}
     averaged = lineage.read(main_runs / "averaged")
     assert [p["step"] for p in averaged["parents"]] == [2, 4] and averaged["run"] == str(main_runs / "base")
     assert lineage.read(main_runs / "missing") is None
