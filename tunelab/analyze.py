@@ -180,7 +180,7 @@ def analyze(base: str, tuned: str, top_k: int = DEFAULT_TOP_K, threshold: float 
     """The whole report (a JSON-ready dict): every tensor's row, sorted by relative update norm, and totals."""
     import torch
 
-    from tunelab.ops.merge_inputs import materialize, resolve_input
+    from tunelab.ops.operation import materialize, resolve_input
     from tunelab.ops.safetensors_io import WeightFiles
 
     if top_k < 1:

@@ -344,11 +344,11 @@ def average(run: Path = typer.Argument(..., help="A run directory with checkpoin
             steps: Optional[str] = typer.Option(None, "--steps", help="Average these checkpoint steps, e.g. 200,300,400."),
             quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Uniform average of a run's last checkpoints (LAWA), written as a plain HF model directory with lineage.json."""
-    from tunelab.ops.average import average_checkpoints, parse_steps
+    from tunelab.ops.average import parse_steps
+    from tunelab.stages.average import cli_recipe, run_average
 
-    average_checkpoints(run, out, last=last, steps=parse_steps(steps) if steps is not None else None,
-                        log=(lambda *a: None) if quiet else _stderr)
-    print(out)
+    cfg = cli_recipe(run, last=last, steps=parse_steps(steps) if steps is not None else None, name=out.name)
+    print(run_average(cfg, out=out, quiet=quiet, log=_stderr))
 
 
 @app.command()

@@ -7,45 +7,8 @@ from pathlib import Path
 import torch
 
 from tunelab import models
-from tunelab.config import SourceSpec, _as_source_list, validate
+from tunelab.eval.scoring import SPLITS, evaluate_model, load, run_recipe, source_specs  # noqa: F401 (eval's body)
 from tunelab.stages.setup import resolve_cache_dir
-
-
-SPLITS = ("auto", "held-out", "whole")
-
-
-def run_recipe(model_dir: str) -> dict | None:
-    """The resolved recipe of the run that wrote `model_dir` (its final/ or a checkpoint), if any.
-
-    Evaluation must hold out the same split (eval_fraction), mask the same way (packing, MLM
-    probability) and know which sources the model was trained on.
-    """
-    import yaml
-
-    if str(model_dir).startswith("package:"):  # a model shipped in a Python package: no run around it
-        return None
-    candidates = [Path(model_dir).parent / "config.yaml", Path(model_dir).parent.parent / "config.yaml"]
-    try:  # a model written from a run's checkpoints (tunelab average) names the run in its lineage.json
-        import json
-
-        run = json.loads((Path(model_dir) / "lineage.json").read_text()).get("run")
-        candidates += [Path(run) / "config.yaml"] if isinstance(run, str) else []
-    except (OSError, ValueError):
-        pass
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                recipe = yaml.safe_load(candidate.read_text())
-                return recipe if isinstance(recipe, dict) and isinstance(recipe.get("data"), dict) else None
-            except yaml.YAMLError:
-                return None
-    return None
-
-
-def load(model_dir: str, base: str | None = None) -> tuple:
-    """(model, tokenizer) of a model or adapter directory."""
-    tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
-    return models.load_model(model_dir, field="MODEL_DIR", base=base), tokenizer
 
 
 def eval_record(results: dict, model_dir: str) -> dict:
@@ -54,71 +17,9 @@ def eval_record(results: dict, model_dir: str) -> dict:
     from tunelab.runs import weight_files_sha256
 
     path = Path(model_dir).expanduser()
-    model = {"path": str(path.resolve()), "weights_sha256": weight_files_sha256(path)} if path.is_dir() else {"path": str(model_dir)}
+    model = {"path": str(path.resolve()), "weights_sha256": weight_files_sha256(path)} if path.is_dir() else \
+        {"path": str(model_dir)}
     return {**results, "model": model}
-
-
-def source_specs(sources: list[str]) -> list:
-    return [validate(s, "--data", SourceSpec) for s in _as_source_list(sources)]
-
-
-def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_tokens: int | None = None,
-                   eval_fraction: float | None = None, base: str | None = None, split: str = "auto",
-                   log=print, trained: dict | None = None, loaded: tuple | None = None) -> dict:
-    """Per-domain loss / perplexity / bits per byte of a model (or adapter) directory.
-
-    split="auto": a source the model or any of its ancestors trained on (by content hash, through
-    lineage.json) is scored on its held-out split only (the smallest eval_fraction any of them held
-    out), so a model is never scored on text it has seen; any other source is scored whole, as training
-    scores its eval-only sources. "held-out" / "whole" force one or the other (to compare models of
-    different histories on the same text, use "held-out").
-    `trained` (content hash -> eval_fraction) replaces the model's own trained sources in that rule
-    (evaluate_suite passes what any of the compared models trained on, so all score the same text);
-    `loaded` is the (model, tokenizer) already loaded from model_dir.
-    """
-    from tunelab.config import DataConfig, TrainConfig
-    from tunelab.data import source_content_hash, tokenize_source
-    from tunelab.eval.perplexity import evaluate_tokens, token_byte_lengths
-    from tunelab.runs import trained_sources
-
-    if split not in SPLITS:
-        from tunelab.errors import ConfigError
-
-        raise ConfigError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
-    recipe = run_recipe(model_dir) or {}
-    run_data = recipe.get("data", {})
-    defaults = DataConfig()
-    explicit_fraction = eval_fraction
-    eval_fraction = eval_fraction or run_data.get("eval_fraction", defaults.eval_fraction)
-    packing = run_data.get("packing", defaults.packing)
-
-    model, tokenizer = loaded or load(model_dir, base)
-    seq_len = min(seq_len, models.max_positions(model) or seq_len)
-    models.check_pair(model, tokenizer, seq_len)
-    specs = source_specs(sources)
-    eos = models.eos_id(tokenizer)
-    objective = "mlm" if models.is_encoder(model) else "clm"
-    label_fn = None
-    if objective == "mlm":  # masked as the run trained: its mask probability and whole-word setting
-        from tunelab.objectives import create_objective, recorded_objective
-        from tunelab.train.objectives import fixed_mlm_labeler
-
-        name, options = recorded_objective(recipe)
-        label_fn = fixed_mlm_labeler(**create_objective("mlm", options if name == "mlm" else {}).masking(tokenizer))
-    byte_lengths = token_byte_lengths(tokenizer)
-    cache = resolve_cache_dir()
-    seen = trained_sources(model_dir) if trained is None else trained
-    results = {}
-    for spec in specs:
-        digest = source_content_hash(spec, cache, log=log)
-        held_out = split == "held-out" or (split == "auto" and digest in seen)
-        fraction = explicit_fraction or seen.get(digest) or eval_fraction
-        src = tokenize_source(spec, tokenizer, eos, cache, fraction, log=log, split=held_out)
-        results[src.domain] = evaluate_tokens(model, src.eval, seq_len, eos_id=eos, document_mask=packing != "concat",
-                                              byte_lengths=byte_lengths, max_tokens=max_tokens, objective=objective,
-                                              label_fn=label_fn, loss_mask=src.eval_mask, starts=src.eval_starts)
-        results[src.domain]["split"] = "held-out" if held_out else "whole"
-    return results
 
 
 def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 64, greedy: bool = False,
@@ -316,7 +217,8 @@ def render_eval(results: dict, title: str, console=None) -> None:
     for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
         table.add_column(col, justify="left" if col in ("domain", "split") else "right")
     for domain, r in results.items():
-        table.add_row(domain, r["split"], f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
+        split = r["split"] + (f" ({r['eval_fraction']})" if r.get("eval_fraction") else "")  # the training's split
+        table.add_row(domain, split, f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
                       f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
     (console or table_console()).print(table)
 

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from tunelab import lineage
 from tunelab.errors import RunDirError
 
 
@@ -240,13 +241,11 @@ def lineage_records(model_dir: str | Path, max_depth: int = 32):
             continue
         seen_dirs.add(key)
         for file in _lineage_files(here):
-            try:
-                record = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError):
+            record = lineage.read(file.parent)
+            if record is None:
                 continue
             yield file.parent, record
-            parents = record.get("parents") or ([record["parent"]] if record.get("parent") else [])
-            todo += [Path(p["path"]) for p in parents if isinstance(p, dict) and p.get("path")]
+            todo += [Path(p["path"]) for p in record["parents"] if p.get("path")]
 
 
 def trained_sources(model_dir: str | Path, max_depth: int = 32) -> dict[str, float | None]:

@@ -1,4 +1,5 @@
-"""`tunelab average`: the uniform mean of a real run's checkpoints, as a plain HF model directory."""
+"""`tunelab average` and the `average` stage kind: the uniform mean of a real run's checkpoints, as a plain HF
+model directory; in a pipeline after the run it averages, scored before and after."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ import yaml
 
 from conftest import run_cli
 from tunelab.errors import ConfigError, ModelError, RunDirError
-from tunelab.ops.average import average_checkpoints, parse_steps
+from tunelab.ops.average import parse_steps
 from tunelab.runs import file_sha256
+from tunelab.stages.average import cli_recipe, run_average
+
+
+def average_checkpoints(run, out, last=None, steps=None, log=print) -> Path:
+    """What `tunelab average RUN --out OUT [--last K | --steps ...]` runs."""
+    return run_average(cli_recipe(run, last=last, steps=steps, name=Path(out).name), out=out, log=log)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +93,8 @@ def test_average_last_three_is_a_plain_hf_model(trained_run, tmp_path):
     for parent in lineage["parents"]:
         ckpt = trained_run / "checkpoints" / f"step-{parent['step']}"
         assert parent["role"] == "average" and parent["weight"] == pytest.approx(1 / 3)
-        assert parent["checkpoint"] == str(ckpt.resolve())
-        assert parent["sha256"] == file_sha256(ckpt / "model.safetensors")
+        assert parent["path"] == str(ckpt.resolve())
+        assert parent["file_sha256"] == file_sha256(ckpt / "model.safetensors")
     assert (out / "config.json").read_text() == (trained_run / "checkpoints" / "step-9" / "config.json").read_text()
 
     # Plain transformers loads it, with the averaged weights (the tied head included).
@@ -170,7 +177,7 @@ def test_errors(trained_run, tmp_path):
     quiet = {"log": lambda *a: None}
     with pytest.raises(RunDirError, match="no checkpoint at step 5 \\(it has steps 3, 6, 9\\)"):
         average_checkpoints(trained_run, tmp_path / "a", steps=[3, 5], **quiet)
-    with pytest.raises(ConfigError, match="--last and --steps"):
+    with pytest.raises(ConfigError, match="last and steps: give one of them"):
         average_checkpoints(trained_run, tmp_path / "a", last=2, steps=[3, 6], **quiet)
     with pytest.raises(ConfigError, match="--steps"):
         parse_steps("3,six")
@@ -219,3 +226,33 @@ def test_checkpoints_of_different_models_are_refused(trained_run, tmp_path, chan
     with pytest.raises(ModelError, match=f"checkpoints differ: .*{key}"):
         average_checkpoints(run, tmp_path / "avg", last=3, log=lambda *a: None)
     _nothing_written(tmp_path / "avg")
+
+
+def test_average_stage_in_a_pipeline_scores_before_and_after(trained_run, tmp_path):
+    """`average: RECIPE` after a training stage (${base} is its final/: the run around it is averaged), scored on
+    the run's held-out split, the same numbers `tunelab eval` gives."""
+    from tunelab.evaluate import evaluate_model
+    from tunelab.pipeline import run_pipeline
+
+    recipe = yaml.safe_load((trained_run.parent / "r.yaml").read_text())
+    recipe["train"]["max_steps"] = 6
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    corpus = _corpus_of(trained_run)
+    (tmp_path / "avg.yaml").write_text(yaml.safe_dump({"run": "${base}", "last": 2, "eval": {
+        "data": [corpus], "seq_len": 32, "max_tokens": 256}}))
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump({"name": "p", "stages": [
+        {"name": "base", "pretrain": "r.yaml"}, {"name": "avg", "average": "avg.yaml"}]}))
+    outputs = run_pipeline(tmp_path / "pipe.yaml", out=tmp_path / "out", quiet=True)
+    base, out = tmp_path / "out" / "base", outputs["avg"]
+    assert out == tmp_path / "out" / "avg" / "final"
+    _assert_mean_of(out, base, [3, 6])
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert (lineage["schema_version"], lineage["stage"], lineage["run"]) == (2, "average", str(base.resolve()))
+    record = json.loads((out / "average.json").read_text())
+    (domain,) = record["eval"]["after"]
+    assert record["eval"]["splits"] == {domain: {"split": "held-out", "eval_fraction": 0.02}}
+    assert record["eval"]["before_model"] == str((base / "checkpoints" / "step-6").resolve())
+    for model, when in ((base / "checkpoints" / "step-6", "before"), (out, "after")):
+        (scored,) = evaluate_model(str(model), [corpus], seq_len=32, max_tokens=256, log=lambda *a: None).values()
+        assert scored["loss"] == pytest.approx(record["eval"][when][domain]["loss"], rel=1e-6)
+    assert run_pipeline(tmp_path / "pipe.yaml", out=tmp_path / "out", quiet=True) == outputs  # up to date: skipped

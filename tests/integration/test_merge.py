@@ -110,17 +110,21 @@ def test_ties_merge_is_a_plain_hf_model_with_lineage_and_an_eval_table(family, t
         parent_losses = [row["loss"]["a"], row["loss"]["b"]]
         assert row["vs_best_parent"] == pytest.approx(row["loss"]["merge"] - min(parent_losses))
         assert row["vs_parent_mean"] == pytest.approx(row["loss"]["merge"] - sum(parent_losses) / 2)
-    assert record["eval"]["split"] == "held-out" and record["eval"]["eval_fraction"] == 0.02
+    # what each domain was scored on: the held-out split the runs trained with (data.eval_fraction 0.02)
+    assert record["eval"]["splits"] == {d: {"split": "held-out", "eval_fraction": 0.02} for d in domains}
     memory = record["merge"]["memory"]
     assert memory["peak_rss_bytes"] >= memory["rss_before_bytes"] > 0 and memory["model_bytes"] > 0
     text = "\n".join(map(str, logged))
     assert "vs best parent" in text and f"{table['worst_domain']} *" in text and "peak RSS during the merge" in text
 
-    # The merge's lineage leads `tunelab eval` to its parents' held-out text.
+    # The merge's lineage leads `tunelab eval` to its parents' held-out text: the very numbers of the table.
     from tunelab.evaluate import evaluate_model
 
-    scores = evaluate_model(str(out), [family["A"]], seq_len=32, max_tokens=128, log=lambda *a: None)
-    assert next(iter(scores.values()))["split"] == "held-out"
+    for model, column in ((out, "merge"), (finals["a"], "a")):
+        scores = evaluate_model(str(model), [family["A"]], seq_len=32, max_tokens=256, log=lambda *a: None)
+        (scored,) = scores.values()
+        assert (scored["split"], scored["eval_fraction"]) == ("held-out", 0.02)
+        assert scored["loss"] == pytest.approx(table["rows"][0]["loss"][column], rel=1e-6)
 
 
 def test_one_line_cli_and_a_recipe(family, tmp_path, monkeypatch, capsys):

@@ -402,10 +402,10 @@ def test_cli_bad_key_exits_2_with_one_line():
 
 
 def test_recipe_kinds_table():
-    from tunelab.config import PruneRecipe
+    from tunelab.config import AverageRecipe, PruneRecipe
 
     assert RECIPE_KINDS == {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "merge": MergeRecipe,
-                            "prune": PruneRecipe}
+                            "prune": PruneRecipe, "average": AverageRecipe}
     for kind, cls in RECIPE_KINDS.items():
         assert cls.model_fields["kind"].default == kind
         assert issubclass(cls, RecipeConfig) == (kind in ("pretrain", "finetune"))  # merge, prune: no training

@@ -15,7 +15,8 @@ import torch
 
 from tunelab import models
 from tunelab.errors import ConfigError, ModelError, TunelabError
-from tunelab.export import export_model, file_sha256
+from tunelab.export import export_model
+from tunelab.runs import weight_files_sha256
 from tunelab.methods import create_method
 from tunelab.methods.base import MethodContext, lm_loss
 
@@ -246,12 +247,12 @@ def test_export_merge_loads_with_plain_transformers(trained, base_dir, tmp_path)
     torch.testing.assert_close(logits(exported, trained.batch), logits(merged, trained.batch), rtol=0, atol=1e-5)
     torch.testing.assert_close(logits(exported, trained.batch), trained.logits, rtol=0, atol=1e-4)
 
-    lineage = json.loads((out / "lineage.json").read_text())
-    assert lineage == {"kind": "export", "merged": True, "parents": [
-        {"role": "base", "path": str(base_dir.resolve()),
-         "weights_sha256": models.weights_sha256(AutoModelForCausalLM.from_pretrained(base_dir))},
-        {"role": "adapter", "path": str(trained.final.resolve()),
-         "sha256": file_sha256(trained.final / "adapter_model.safetensors")}]}
+    lineage = json.loads((out / "lineage.json").read_text())  # the schema of tunelab/lineage.py (version 2)
+    assert lineage == {"schema_version": 2, "stage": "export", "name": "merged", "merged": True, "parents": [
+        {"role": "base", "path": str(base_dir.resolve()), "weights_sha256": weight_files_sha256(base_dir),
+         "weights_sha256_in_memory": models.weights_sha256(AutoModelForCausalLM.from_pretrained(base_dir))},
+        {"role": "adapter", "path": str(trained.final.resolve()), "label": trained.final.parent.name,
+         "weights_sha256": weight_files_sha256(trained.final)}]}
 
 
 def test_export_of_a_run_directory_and_of_a_full_model(trained, base_dir, tmp_path):

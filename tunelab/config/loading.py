@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from tunelab.errors import ConfigError
 
 from tunelab.config.base import Section, did_you_mean
-from tunelab.config.ops import MergeRecipe, PruneRecipe
+from tunelab.config.ops import AverageRecipe, MergeRecipe, PruneRecipe
 from tunelab.config.training import FinetuneRecipe, PretrainRecipe, TrainingRecipe, _as_source_list
 
 class YamlLoader(yaml.SafeLoader):
@@ -152,6 +152,15 @@ def resolve_recipe_path(name_or_path: str | Path, folder: str = "") -> Path:
     raise ConfigError(f"{name_or_path}: no such recipe file{did_you_mean(p.stem, names)}; {what}: {', '.join(names)}")
 
 
+def is_recipe(arg: str, folder: str = "") -> bool:
+    """A YAML file or the name of a shipped recipe (recipes/FOLDER/ or recipes/); a model directory never is."""
+    path = Path(arg)
+    if path.is_dir():
+        return False
+    return path.suffix in (".yaml", ".yml") or (not path.exists() and any(
+        (where / f"{arg}.yaml").is_file() for where in (RECIPES_DIR / folder, RECIPES_DIR)))
+
+
 def expand_shorthands(data: dict) -> dict:
     """`data.train: builtin:prose` -> a one-item list, so `--set data.train.0.weight=2` can index it."""
     section = data.get("data")
@@ -206,4 +215,4 @@ def dump_config(cfg: BaseModel) -> str:
 # The recipe is a union discriminated by `kind`: validate_recipe picks the class from this table, so
 # each kind validates its own sections. A new kind adds its class here and a line in stages.STAGES.
 RECIPE_KINDS: dict[str, type[Section]] = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe,
-                                          "merge": MergeRecipe, "prune": PruneRecipe}
+                                          "merge": MergeRecipe, "prune": PruneRecipe, "average": AverageRecipe}

@@ -1,4 +1,4 @@
-"""Recipes of model operations (merge, prune): saved models in, a model directory out, no training loop.
+"""Recipes of model operations (merge, prune, average): saved models in, a model directory out, no training loop.
 
 Their sections differ from a training recipe's, so they are validated by their class alone
 (`validate(data, source, MergeRecipe)`); validate_recipe skips the training-method check for them.
@@ -46,13 +46,14 @@ class MergeOptions(Section):
 
 
 class MergeEval(Section):
-    # Sources every model (the merge and each parent) is scored on, all on their held-out split.
+    """What a model operation scores every model on, before and after (eval.scoring.Scorer)."""
     # null: the sources the inputs and their ancestors trained on (lineage.json), else the built-in domains;
-    # []: no evaluation.
+    # []: no evaluation. A source an input trained on is scored on the held-out split its training used,
+    # any other whole (as `tunelab eval` does).
     data: list[SourceSpec] | None = None
     seq_len: int = Field(256, ge=8)
     max_tokens: int | None = Field(32768, ge=1)  # per domain and model
-    eval_fraction: float | None = Field(None, gt=0, lt=0.5)  # null: the smallest the inputs' runs held out
+    eval_fraction: float | None = Field(None, gt=0, lt=0.5)  # null: the one each source's training held out
     select: Literal["worst", "mean"] = "worst"  # what greedy_soup and sweep minimise: worst-domain or mean loss
 
     _to_list = field_validator("data", mode="before")(lambda v: None if v is None else _as_source_list(v))
@@ -86,7 +87,6 @@ class MergeRecipe(Section):
     options: MergeOptions = Field(default_factory=MergeOptions)
     eval: MergeEval = Field(default_factory=MergeEval)
     sweep: MergeSweep | None = None
-    vocab_policy: Literal["error"] = "error"  # vocabularies must match token by token
 
     @field_validator("models", mode="before")
     @classmethod
@@ -219,7 +219,7 @@ class PruneRecipe(Section):
     targets: list[str] | None = None  # regexes of weight names to prune; null: the blocks' linear layers
     criterion: Literal["magnitude", "loss"] = "magnitude"  # structured: weight norms, or calibration loss
     calibration: Calibration = Field(default_factory=Calibration)
-    eval: MergeEval = Field(default_factory=MergeEval)  # before/after scores: the merge stage's evaluation
+    eval: MergeEval = Field(default_factory=MergeEval)  # before/after scores
     lottery: Lottery | None = None
     seed: int = 0  # the random ticket's mask
 
@@ -274,3 +274,30 @@ class PruneRecipe(Section):
 
     def data_sources(self) -> list[SourceSpec]:
         return list(self.eval.data or []) + list(self.calibration.data or [])
+
+
+# ---------------------------------------------------------------- average recipes (kind: average)
+
+
+class AverageRecipe(Section):
+    """kind: average: the uniform mean of a run's checkpoints (LAWA), one HF model directory out."""
+    kind: Literal["average"] = "average"
+    name: str = "average"
+    run: str  # a run directory with checkpoints/ (or its final/, as ${stage} gives it in a pipeline)
+    last: int | None = Field(None, ge=1)  # the newest K intact checkpoints (default 3)
+    steps: list[int] | None = None  # exactly these checkpoint steps
+    eval: MergeEval = Field(default_factory=lambda: MergeEval(data=[]))  # off unless sources are given
+
+    @model_validator(mode="after")
+    def _one(self) -> "AverageRecipe":
+        if self.last is not None and self.steps is not None:
+            raise ValueError("last and steps: give one of them, not both")
+        if self.steps is not None and not self.steps:
+            raise ValueError("steps: give at least one step, e.g. [200, 300, 400]")
+        return self
+
+    def model_paths(self) -> list[str]:
+        return [self.run]
+
+    def data_sources(self) -> list[SourceSpec]:
+        return list(self.eval.data or [])

@@ -1,4 +1,4 @@
-"""`tunelab average`: LAWA-style checkpoint averaging, released as a plain HF model directory.
+"""Checkpoint averaging (LAWA): the math and the checks of the `average` stage (stages/average.py).
 
 The uniform mean of the weights of a run's last K intact checkpoints (or of named steps) often
 scores better than any one of them late in training. The checkpoints are read tensor by tensor
@@ -8,17 +8,14 @@ The key set is the inputs' own (a tied embedding/LM head is stored once, as save
 
 The output holds model.safetensors, config.json and the tokenizer (copied from the newest averaged
 checkpoint, else from the run's final/) and lineage.json naming every checkpoint with its step,
-the sha256 its manifest recorded and its weight. It is written to a temp directory and renamed.
+the sha256 its manifest recorded and its weight.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from tunelab.errors import ConfigError, ModelError, RunDirError
-from tunelab.runs import staged_dir
 
 # Files of a checkpoint that are training state, not part of a model directory.
 TRAINING_STATE = {"model.safetensors", "adapter.safetensors", "method.safetensors", "optimizer.pt", "rng.pt",
@@ -47,10 +44,6 @@ def select_checkpoints(run: str | Path, last: int | None = None, steps: list[int
     run = Path(run).expanduser()
     if not run.is_dir():
         raise RunDirError(f"RUN: {run} does not exist; give a run directory (runs/NAME) with checkpoints/")
-    if last is not None and steps is not None:
-        raise ConfigError("--last and --steps: give one of them, not both")
-    if steps is None and (last or DEFAULT_LAST) < 1:
-        raise ConfigError("--last: must be at least 1")
     found = list_checkpoints(run / "checkpoints")
     if not found:
         raise RunDirError(f"RUN: {run} has no checkpoints/step-N directories; train it with train.checkpoint_every "
@@ -164,7 +157,7 @@ def average_files(weight_files: list[Path], out_file: Path) -> list[str]:
     return keys
 
 
-def _model_files(checkpoints: list[Path], final: Path) -> tuple[list[Path], Path | None, Path | None]:
+def model_files(checkpoints: list[Path], final: Path) -> tuple[list[Path], Path | None, Path | None]:
     """Files to copy next to the weights: config.json (+ generation_config.json) and the tokenizer,
     from the newest averaged checkpoint, else from the run's final/, else from an older averaged checkpoint
     (checkpoints written before they carried config.json and the tokenizer)."""
@@ -185,50 +178,3 @@ def _model_files(checkpoints: list[Path], final: Path) -> tuple[list[Path], Path
                   and p.name not in MODEL_CONFIG and not p.name.endswith(".safetensors") and p.name != "lineage.json"
                   and not p.name.startswith(".")]
     return files, config_dir, tok_dir
-
-
-def average_checkpoints(run: str | Path, out: str | Path, last: int | None = None, steps: list[int] | None = None,
-                        log=print) -> Path:
-    """Write the uniform average of a run's checkpoints to `out` (a new or empty directory): a plain HF
-    model directory plus lineage.json. Returns `out`."""
-    run, out = Path(run).expanduser(), Path(out).expanduser()
-    # Everything is checked before anything is read in bulk or written.
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunDirError(f"--out: {out} already exists and is not empty; choose a new directory")
-    chosen = select_checkpoints(run, last=last, steps=steps, log=log)
-    paths = [p for _, p in chosen]
-    extra, config_dir, tok_dir = _model_files(paths, run / "final")
-    if config_dir is None or tok_dir is None:
-        missing = "config.json" if config_dir is None else "a tokenizer"
-        raise ModelError(f"RUN: neither the checkpoints nor {run / 'final'} hold {missing}, needed to make a model "
-                         "directory; finish the run (or resume it) so final/ is written, then average")
-    manifests = [json.loads((p / "manifest.json").read_text()) for p in paths]
-    k = len(chosen)
-    log(f"averaging {k} checkpoint{'s' * (k != 1)} of {run} (uniform, weight 1/{k} each): "
-        + ", ".join(f"step {s}" for s, _ in chosen))
-    for path in paths:
-        log(f"  {path}")
-
-    weight_files = [p / "model.safetensors" for p in paths]
-    check_weight_files(weight_files)
-
-    with staged_dir(out) as tmp:
-        average_files(weight_files, tmp / "model.safetensors")
-        for file in extra:
-            shutil.copy2(file, tmp / file.name)
-        lineage = {
-            "name": out.name,
-            "stage": "average",
-            "parents": [{"role": "average", "checkpoint": str(path.resolve()), "path": str(path.resolve()),
-                         "step": step, "sha256": manifest["model.safetensors"]["sha256"], "weight": 1 / k}
-                        for (step, path), manifest in zip(chosen, manifests)],
-            "method": {"name": "uniform", "k": k},
-            "run": str(run.resolve()),
-            "config_from": str(config_dir.resolve()),
-            "tokenizer_from": str(tok_dir.resolve()),
-        }
-        (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-    if config_dir != paths[-1] or tok_dir != paths[-1]:
-        log(f"config.json from {config_dir}, tokenizer from {tok_dir}")
-    log(f"wrote {out}")
-    return out

@@ -42,7 +42,7 @@ from tunelab.ops.safetensors_io import (FLOAT_DTYPES, StreamWriter, WeightFiles,
 
 BLOCK_ELEMENTS = 1 << 16  # entries per input per block (256 KiB in fp32); results never depend on it but DARE's masks
 DELTA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
-SIGN_METHODS = ("ties", "dare_ties", "breadcrumbs_ties")
+
 # ---------------------------------------------------------------- the math of one tensor
 
 

@@ -1,80 +1,13 @@
-"""The models a merge reads: inputs resolved (runs, model dirs, LoRA adapters merged onto their base
-first) and the checks before any merging (configs, vocabularies token by token)."""
+"""The checks before any merging (configs, tensors, vocabularies token by token); the inputs themselves
+are resolved by the operation scaffold (ops/operation.py)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from tunelab.errors import ModelError
-from tunelab.ops.safetensors_io import FLOAT_DTYPES, WeightFiles, weight_files
-
-
-
-@dataclass
-class ModelInput:
-    """One model going into a merge: what the user gave, what it resolved to, and where its weights are."""
-    given: str
-    path: Path  # a run resolved to its final/
-    role: str  # merge-input | base
-    label: str
-    weight: float | None = None
-    adapter: bool = False
-    model_dir: Path | None = None  # the directory holding config.json + safetensors weights (set by materialize)
-    info: dict = field(default_factory=dict)
-
-
-def resolve_input(given: str, role: str, field_name: str) -> ModelInput:
-    """A model directory, a tunelab run (-> its final/), a LoRA adapter, or package:NAME; a one-line error
-    for anything else. Reads only small files."""
-    from tunelab import models
-
-    path = Path(models.resolve_model_path(str(given), field_name)).expanduser()
-    if not path.exists():
-        raise ModelError(f"{field_name}: {given} does not exist; give a model directory, a tunelab run (runs/NAME) "
-                         "or a LoRA adapter directory")
-    if path.is_dir() and not (path / "config.json").is_file() and not models.is_adapter_dir(path) \
-            and (path / "final").is_dir():
-        path = path / "final"
-    adapter = models.is_adapter_dir(path)
-    if not adapter and not (path / "config.json").is_file():
-        raise ModelError(f"{field_name}: {path} is not a model directory (no config.json); give a model directory, a "
-                         "tunelab run or a LoRA adapter directory")
-    label = path.parent.name if path.name == "final" else path.name
-    return ModelInput(given=str(given), path=path, role=role, label=label, adapter=adapter)
-
-
-def unique_labels(inputs: list[ModelInput]) -> None:
-    seen: dict[str, int] = {}
-    for item in inputs:
-        n = seen.get(item.label, 0)
-        seen[item.label] = n + 1
-        if n:
-            item.label = f"{item.label}#{n + 1}"
-
-
-def materialize(item: ModelInput, work: Path, log=print) -> None:
-    """Point item.model_dir at safetensors weights: the directory itself, or for a LoRA adapter (or a model
-    saved without safetensors) a copy in `work`, loaded (adapters merged onto their base, checked against the
-    base hash recorded at training) and saved once."""
-    from tunelab import models
-
-    if not item.adapter and weight_files(item.path):
-        item.model_dir = item.path
-        return
-    what = "LoRA adapter: merging it onto its base" if item.adapter else "no safetensors weights: converting"
-    log(f"{item.label}: {what} ({item.path})")
-    if item.adapter:
-        model, base_path, base_hash = models.load_adapter(str(item.path), field=item.given, merge=True)
-        item.info["adapter_base"] = {"path": str(Path(base_path).expanduser().resolve()), "weights_sha256": base_hash}
-    else:
-        model = models.load_model(str(item.path), field=item.given)
-    target = work / f"input-{item.label.replace('#', '-')}"
-    model.save_pretrained(target, safe_serialization=True)
-    models.load_tokenizer(str(item.path), item.given).save_pretrained(target)
-    del model
-    item.model_dir = target
+from tunelab.ops.operation import ModelInput
+from tunelab.ops.safetensors_io import FLOAT_DTYPES, WeightFiles
 
 
 # config.json fields that say nothing about the computation (checked fields: everything else).
@@ -100,7 +33,7 @@ def check_configs(inputs: list[ModelInput], sources: list[WeightFiles]) -> None:
 
 
 def check_vocabularies(inputs: list[ModelInput]):
-    """Every tokenizer maps the same ids to the same tokens (vocab_policy: error); returns the first one."""
+    """Every tokenizer maps the same ids to the same tokens; returns the first one."""
     from tunelab import models
 
     tokenizers = [models.load_tokenizer(str(i.model_dir), i.label) for i in inputs]
@@ -112,7 +45,7 @@ def check_vocabularies(inputs: list[ModelInput]):
             continue
         ref_tokens = ref_tokens or ref.convert_ids_to_tokens(list(range(len(ref))))
         tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
-        where = "merge models that share one tokenizer (vocab_policy: error)"
+        where = "merge models that share one tokenizer"
         for i, (a, b) in enumerate(zip(ref_tokens, tokens)):
             if a != b:
                 raise ModelError(f"vocabularies differ: token {i} is {b!r} in {item.label} but {a!r} in {first.label}; "

@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 
 from tunelab.errors import RunDirError
+from tunelab import lineage
 from tunelab.runs import read_metrics
 
 RECORDS = ("metrics.jsonl", "config.yaml", "lineage.json")
@@ -107,7 +108,7 @@ class Entry:
     @property
     def stage(self) -> str:
         lin = self.lineage or {}
-        return lin.get("stage") or lin.get("kind") or self.op_kind or ("run" if self.events else "model")
+        return lin.get("stage") or self.op_kind or ("run" if self.events else "model")
 
     @cached_property
     def objective(self) -> str | None:
@@ -211,7 +212,7 @@ def load(paths: list[Path], warn) -> list[Entry]:
         if (path / "config.yaml").is_file():
             entry.config_text = (path / "config.yaml").read_text()
         entry.env = _read_json(path / "env.json")
-        entry.lineage = _read_json(path / "lineage.json")
+        entry.lineage = lineage.read(path)
         for name in OP_RECORDS:
             record = _read_json(path / name)
             if record is not None:

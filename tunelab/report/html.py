@@ -11,6 +11,7 @@ import json
 from html import escape
 from pathlib import Path
 
+from tunelab import lineage
 from tunelab.report import svg
 from tunelab.report.collect import Entry, EvalStage, summary
 
@@ -282,7 +283,7 @@ def _parents(entry: Entry, shown: PathRule) -> str:
     for p in parents:
         if not isinstance(p, dict):
             continue
-        digest = p.get("weights_sha256") or p.get("sha256") or p.get("weights_sha256_in_memory")
+        digest = lineage.digest(p)
         parts.append(f"{escape(str(p.get('role', 'parent')))}: {shown.parent(p)}"
                      + (f' <span class="muted mono">{escape(str(digest)[:12])}</span>' if digest else ""))
     return "<br>".join(parts) or "–"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+from tunelab import lineage
 from tunelab.runs import lineage_dir, lineage_records
 
 NODE_W, NODE_H = 168, 54
@@ -75,7 +76,7 @@ class Graph:
 
 def _record_node(where: Path, record: dict, entry=None) -> Node:
     name = where.parent.name if where.name == "final" else where.name
-    kind_line = " · ".join(str(p) for p in (record.get("stage") or record.get("kind"), _method(record)) if p)
+    kind_line = " · ".join(str(p) for p in (record.get("stage"), _method(record)) if p)
     lines = [kind_line] if kind_line else []
     tokenizer = (record.get("tokenizer") or {}).get("fingerprint")
     if tokenizer:
@@ -122,8 +123,7 @@ def _edge_label(parent: dict) -> list[str]:
         extras.append("dropped")
     elif isinstance(parent.get("weight"), (int, float)):
         extras.append(f"w={parent['weight']:.2g}")
-    digest = parent.get("weights_sha256") or parent.get("sha256") or parent.get("weights_sha256_in_memory")
-    return [" ".join([role, *extras]), short(digest)]
+    return [" ".join([role, *extras]), short(lineage.digest(parent))]
 
 
 def build_graph(entries: list, eval_stages: list = ()) -> Graph:
@@ -147,11 +147,9 @@ def build_graph(entries: list, eval_stages: list = ()) -> Graph:
                 graph.nodes[key] = node
             else:
                 graph.node(node)
-            parents = record.get("parents") or ([record["parent"]] if record.get("parent") else [])
-            for parent in parents:
-                if isinstance(parent, dict):
-                    graph.edge(graph.node(_parent_node(parent)).id, key, _edge_label(parent),
-                               kind="dropped" if parent.get("kept") is False else "model")
+            for parent in record["parents"]:
+                graph.edge(graph.node(_parent_node(parent)).id, key, _edge_label(parent),
+                           kind="dropped" if parent.get("kept") is False else "model")
             for data in record.get("data", []):
                 ident = data.get("content_hash") or data.get("source")
                 source = str(data.get("source") or "data")

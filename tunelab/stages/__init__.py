@@ -15,12 +15,15 @@ STAGES: dict[str, str] = {
     "finetune": "tunelab.stages.train:run_training",
     "merge": "tunelab.stages.merge:run_merge",
     "prune": "tunelab.stages.prune:run_prune",
+    "average": "tunelab.stages.average:run_average",
 }
 
 # What each kind produces: a model, an adapter, a dataset (data/artifact.py) or an evaluation. In a pipeline
 # `${stage}` resolves to it (OUTPUT_PATHS: where it lies in the stage's directory) and is checked against the
 # field that names it. A training kind produces an adapter instead when its method saves one (output_type).
-OUTPUTS: dict[str, str] = {"pretrain": "model", "finetune": "model", "merge": "model", "prune": "model"}
+OUTPUTS: dict[str, str] = {"pretrain": "model", "finetune": "model", "merge": "model", "prune": "model",
+                           "average": "model"}
+assert OUTPUTS.keys() == STAGES.keys(), "every stage kind declares its output"
 OUTPUT_PATHS = {"model": "final", "adapter": "final", "dataset": "dataset", "evaluation": "eval.json"}
 
 

@@ -155,14 +155,12 @@ def run_lottery(cfg: PruneRecipe, out: Path, quiet: bool = False, log=print) -> 
     record["sparsity"] = prune.sparsity_report(model, prune.load_masks(out))
     log(prune.render_sparsity(record["sparsity"]))
     record.update(seconds=round(time.time() - started, 2), recipe=cfg.model_dump(mode="json"))
-    lineage = {"name": cfg.name, "stage": "prune",
-               "parents": [{"role": "lottery-ticket", "path": str(ticket.resolve()),
-                            "weights_sha256": weight_files_sha256(ticket)},
-                           {"role": "rewind", "path": str(rewind_dir.resolve()),
-                            "weights_sha256": weight_files_sha256(rewind_dir)}],
-               "method": {"name": "imp", "sparsity": cfg.sparsity, "rounds": lot.rounds, "rewind": lot.rewind,
-                          "scope": cfg.scope}}
-    (out / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-    (out / "prune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    from tunelab.ops.operation import write_records
+
+    write_records(out, "prune", cfg.name, [
+        {"role": "lottery-ticket", "path": str(ticket.resolve()), "weights_sha256": weight_files_sha256(ticket)},
+        {"role": "rewind", "path": str(rewind_dir.resolve()), "weights_sha256": weight_files_sha256(rewind_dir)}],
+        "prune.json", record, method={"name": "imp", "sparsity": cfg.sparsity, "rounds": lot.rounds,
+                                      "rewind": lot.rewind, "scope": cfg.scope})
     log(f"wrote {out} (rounds in {rounds})")
     return out

@@ -1,37 +1,32 @@
 """The `merge` stage (`tunelab merge`, `merge:` in pipelines): saved models in, one HF model directory out.
 
-1. Resolve the inputs (model directories, runs -> final/, LoRA adapters) and the base; refuse an
-   occupied output directory. Everything below happens in `.<out>.tmp-<pid>` beside it, renamed at the
-   end, so a failed merge writes nothing.
-2. Adapters are merged onto their base (and models without safetensors weights converted) once.
-3. Checks: architecture, tensors (the first that differs is named), config fields, vocabularies token by
+1. The operation scaffold (ops/operation.py) refuses an occupied output directory and resolves the inputs
+   (model directories, runs -> final/, adapters, package: models) and the base; everything below happens
+   in a staged directory renamed at the end, so a failed merge writes nothing. Adapters are merged onto
+   their base (and models without safetensors weights converted) once.
+2. Checks: architecture, tensors (the first that differs is named), config fields, vocabularies token by
    token. Each failure is a one-line ModelError.
-4. Scores every parent on the eval sources (held-out split, the same text for all), then merges (ops/merge.py,
+3. Scores every parent on the eval sources (eval/scoring.py: the same text for all), then merges (ops/merge.py,
    streamed) and scores the result: one candidate, the greedy soup's trials, or every sweep candidate, of
    which only the best by worst-domain (or mean) loss is kept.
-5. Writes model.safetensors, config.json, the tokenizer, lineage.json (every parent with role, path,
+4. Writes model.safetensors, config.json, the tokenizer, lineage.json (every parent with role, path,
    weights_sha256, weight) and merge.json (the eval table, the decisions, peak RSS, the resolved recipe).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
-from tunelab.config import MergeRecipe, RECIPES_DIR, apply_overrides, read_yaml, resolve_recipe_path, validate
-from tunelab.errors import ConfigError, RunDirError
+from tunelab.config import MergeRecipe, apply_overrides, is_recipe, read_yaml, resolve_recipe_path, validate
+from tunelab.errors import ConfigError
 
-DEFAULT_EVAL = ["builtin:prose", "builtin:code", "builtin:tests"]
 MERGED = "merge"  # the merged model's column in the eval table
 MODEL_FILES = ("config.json", "generation_config.json")
 
 
 # ---------------------------------------------------------------- recipes and the one-line form
-
-
-MERGE_RECIPES_DIR = RECIPES_DIR / "merges"  # shipped merge recipes (apart: the training recipes' tests run every *.yaml)
 
 
 def load_merge_recipe(recipe: str | Path, overrides: list[str] | None = None) -> MergeRecipe:
@@ -50,15 +45,6 @@ def validate_merge(data: dict, source: str) -> MergeRecipe:
     return validate({**data, "kind": "merge"}, source, MergeRecipe)
 
 
-def is_recipe(arg: str) -> bool:
-    """A YAML file or the name of a shipped recipe (a model directory never is)."""
-    path = Path(arg)
-    if path.is_dir():
-        return False
-    return path.suffix in (".yaml", ".yml") or (not path.exists() and any(
-        (where / f"{arg}.yaml").is_file() for where in (MERGE_RECIPES_DIR, RECIPES_DIR)))
-
-
 def parse_weights(text: str, n: int) -> list[float]:
     try:
         weights = [float(x) for x in text.replace(" ", "").split(",") if x]
@@ -75,7 +61,7 @@ def cli_recipe(args: list[str], method: str | None = None, base: str | None = No
     """`tunelab merge RECIPE [--set ...]` or the one-line form `tunelab merge MODEL_DIR... --method ...`."""
     if not args:
         raise ConfigError("merge: give a merge recipe, or two or more model directories")
-    if is_recipe(args[0]):
+    if is_recipe(args[0], "merges"):
         flags = {"--method": method, "--base": base, "--weights": weights, "--density": density, "--seed": seed,
                  "--data": data or None}
         given = [flag for flag, value in flags.items() if value is not None]
@@ -103,40 +89,6 @@ def cli_recipe(args: list[str], method: str | None = None, base: str | None = No
 
 
 # ---------------------------------------------------------------- evaluation
-
-
-class Scorer:
-    """Held-out loss of a model directory on the recipe's sources: every model on the same text."""
-
-    def __init__(self, cfg: MergeRecipe, inputs, log):
-        from tunelab.config import DataConfig
-        from tunelab.runs import ancestor_source_specs, trained_sources
-
-        self.log = log
-        if cfg.eval.data is None:  # what the inputs and their ancestors trained on, else the built-in domains
-            found = ancestor_source_specs([item.path for item in inputs])
-            self.sources = found or [{"source": s} for s in DEFAULT_EVAL]
-        else:
-            self.sources = [s.model_dump(exclude_defaults=True, exclude={"weight"}) for s in cfg.eval.data]
-        fractions = [f for item in inputs for f in trained_sources(item.path).values() if f is not None]
-        self.fraction = cfg.eval.eval_fraction or min(fractions, default=DataConfig().eval_fraction)
-        self.seq_len, self.max_tokens, self.select = cfg.eval.seq_len, cfg.eval.max_tokens, cfg.eval.select
-
-    def __call__(self, model_dir: Path) -> dict:
-        from tunelab.evaluate import evaluate_model
-
-        results = evaluate_model(str(model_dir), self.sources, seq_len=self.seq_len, max_tokens=self.max_tokens,
-                                 eval_fraction=self.fraction, split="held-out", log=self.log)
-        self.log = lambda *a: None  # the data lines once, not once per model
-        return {d: {k: r[k] for k in ("loss", "ppl", "bpb", "eval_tokens")} for d, r in results.items()}
-
-    def criterion(self, scores: dict) -> float:
-        losses = [r["loss"] for r in scores.values()]
-        return max(losses) if self.select == "worst" else sum(losses) / len(losses)
-
-    def describe(self) -> dict:
-        return {"sources": self.sources, "split": "held-out", "eval_fraction": self.fraction,
-                "seq_len": self.seq_len, "max_tokens": self.max_tokens, "select": self.select}
 
 
 def eval_table(scores: dict[str, dict], inputs: list[str], base: str | None = None, merged: str = MERGED) -> dict:
@@ -188,31 +140,23 @@ def run_merge(cfg: MergeRecipe, out=None, resume: bool = False, quiet: bool = Fa
     """Merge the recipe's models into `out` (default runs/<name>): a plain HF model directory with
     lineage.json and merge.json. With resume, a finished merge in `out` is kept and returned."""
     from tunelab.ops import merge as ops
-    from tunelab.ops import merge_inputs
+    from tunelab.ops import merge_inputs, operation
 
     log = (lambda *a: None) if quiet else (log or print)
-    out = Path(out).expanduser() if out else Path("runs") / cfg.name
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if resume and (out / "merge.json").is_file():
-            log(f"{out}: merge already done, kept")
-            return out
-        raise RunDirError(f"{out} already exists and is not empty: choose a new --out (nothing was changed)")
-    inputs = [merge_inputs.resolve_input(m.path, "merge-input", f"models.{i}.path") for i, m in enumerate(cfg.models)]
+    out, done = operation.output_dir(out, cfg.name, "merge", resume, log)
+    if done:
+        return out
+    everyone = operation.resolve_inputs([(m.path, "merge-input", f"models.{i}.path") for i, m in enumerate(cfg.models)]
+                                        + ([(cfg.base, "base", "base")] if cfg.base else []))
+    inputs, base = everyone[:len(cfg.models)], (everyone[-1] if cfg.base else None)
     for item, m in zip(inputs, cfg.models):
         item.weight = m.weight
-    base = merge_inputs.resolve_input(cfg.base, "base", "base") if cfg.base else None
-    everyone = inputs + ([base] if base else [])
-    merge_inputs.unique_labels(everyone)
     options = cfg.options.model_dump()
     started = time.time()
 
-    from tunelab.runs import staged_dir
-
-    with staged_dir(out) as staged:  # renamed to `out` at the end; removed on any error
-        staging = staged / ".work"  # converted adapters and candidates; the chosen one's files move up
-        staging.mkdir()
+    with operation.staged_output(out) as (staged, staging):  # candidates are built in staging; the chosen moves up
         for item in everyone:
-            merge_inputs.materialize(item, staging, log)
+            operation.materialize(item, staging, log)
         files = [ops.WeightFiles(item.model_dir, item.label) for item in everyone]
         merge_inputs.check_configs(everyone, files)
         tokenizer = merge_inputs.check_vocabularies(everyone)
@@ -220,13 +164,8 @@ def run_merge(cfg: MergeRecipe, out=None, resume: bool = False, quiet: bool = Fa
         log(f"merging {len(inputs)} models with {cfg.method}"
             + (f" onto base {base.label}" if base else "") + ": " + ", ".join(i.label for i in inputs))
 
-        scorer = Scorer(cfg, everyone, log) if (cfg.eval.data is None or cfg.eval.data) else None
-        scores: dict[str, dict] = {}
-        if scorer is not None:
-            log(f"scoring on {', '.join(s['source'] for s in scorer.sources)} (held-out split, fraction "
-                f"{scorer.fraction})")
-            for item in everyone:
-                scores[item.label] = scorer(item.path)
+        scorer = operation.make_scorer(cfg.eval, [item.path for item in everyone], log)
+        scores = {item.label: scorer(item.path) for item in everyone} if scorer is not None else {}
 
         counter = iter(range(1 << 30))
 
@@ -292,31 +231,13 @@ def run_merge(cfg: MergeRecipe, out=None, resume: bool = False, quiet: bool = Fa
             why = "the recipe's weights and options"
 
         # Records: which inputs went in with which weight.
-        from tunelab.runs import weight_files_sha256
-
         effective = chosen["merge"]["weights"]
         members = chosen["members"] if chosen["members"] is not None else list(range(len(inputs)))
-        parents = []
-        for i, item in enumerate(inputs):
-            entry = {"role": "merge-input", "path": str(item.path.resolve()), "label": item.label,
-                     "weights_sha256": weight_files_sha256(item.path),
-                     "weight": effective[members.index(i)] if i in members else 0.0}
-            if cfg.method == "greedy_soup":
-                entry["kept"] = i in members
-            if item.adapter:
-                entry["adapter_base"] = item.info.get("adapter_base")
-            parents.append(entry)
-        if base:
-            parents.append({"role": "base", "path": str(base.path.resolve()), "label": base.label,
-                            "weights_sha256": weight_files_sha256(base.path), "weight": None,
-                            **({"adapter_base": base.info.get("adapter_base")} if base.adapter else {})})
+        parents = [operation.parent_entry(item, weight=effective[members.index(i)] if i in members else 0.0,
+                                          **({"kept": i in members} if cfg.method == "greedy_soup" else {}))
+                   for i, item in enumerate(inputs)]
+        parents += [operation.parent_entry(base, weight=None)] if base else []
         method = {"name": cfg.method, "options": {k: v for k, v in chosen["options"].items() if v is not None}}
-        from tunelab import models
-
-        lineage = {"name": cfg.name, "stage": "merge", "parents": parents, "method": method,
-                   "tokenizer": {"source": str(inputs[0].path.resolve()),
-                                 "fingerprint": models.tokenizer_fingerprint(tokenizer)},
-                   "vocab_policy": cfg.vocab_policy}
         mem = chosen["merge"]["memory"]
         mb = 1 << 20
         log(f"peak RSS during the merge: {mem['peak_rss_bytes'] / mb:,.0f} MB ({mem['added_bytes'] / mb:,.1f} MB above "
@@ -333,10 +254,9 @@ def run_merge(cfg: MergeRecipe, out=None, resume: bool = False, quiet: bool = Fa
             log(render_table(table))
         for file in chosen["dir"].iterdir():
             file.rename(staged / file.name)
-        (staged / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        (staged / "merge.json").write_text(json.dumps(merge_record, indent=2, default=str) + "\n")
         for files_open in files:
             files_open.close()
-        shutil.rmtree(staging)
+        operation.write_records(staged, "merge", cfg.name, parents, "merge.json", merge_record, method=method,
+                                tokenizer=operation.tokenizer_entry(inputs[0], tokenizer))
     log(f"wrote {out}")
     return out

@@ -5,19 +5,19 @@
     heads | ffn | layers -> a smaller HF config with those units removed (ops/structured.py)
     imp                -> lottery tickets: train, prune, rewind, repeat (every round a training run)
 
-Every output holds lineage.json (the parent and its hash) and prune.json: the per-matrix sparsity
-report, and size, speed and held-out loss before and after (the merge stage's evaluation).
+Every output is written by the operation scaffold (ops/operation.py) and holds lineage.json (the parent
+and its hash) and prune.json: the per-matrix sparsity report, size and held-out loss before and after
+(eval/scoring.py), and for structured pruning the forward speed of both (measured in turns on one batch;
+unstructured zeros compute the same in dense kernels, so their speed is not measured).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
-from tunelab.config import PruneRecipe, RECIPES_DIR, STRUCTURED, apply_overrides, read_yaml, resolve_recipe_path, validate
-from tunelab.errors import ConfigError, RunDirError
+from tunelab.config import PruneRecipe, RECIPES_DIR, STRUCTURED, apply_overrides, is_recipe, read_yaml, resolve_recipe_path, validate
+from tunelab.errors import ConfigError
 
 PRUNE_RECIPES_DIR = RECIPES_DIR / "prunes"
 
@@ -37,11 +37,9 @@ def cli_recipe(target: str, method: str | None = None, sparsity: float | None = 
                data: list[str] | None = None, criterion: str | None = None, scope: str | None = None,
                overrides: list[str] | None = None, name: str | None = None) -> PruneRecipe:
     """`tunelab prune RECIPE [--set ...]` or the one-line form `tunelab prune MODEL_DIR --method ... --sparsity ...`."""
-    from tunelab.stages.merge import is_recipe
-
     flags = {"--method": method, "--sparsity": sparsity, "--count": count, "--data": data or None,
              "--criterion": criterion, "--scope": scope}
-    if is_recipe(target) or (not Path(target).exists() and (PRUNE_RECIPES_DIR / f"{target}.yaml").is_file()):
+    if is_recipe(target, "prunes"):
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
             raise ConfigError(f"prune: {target} is a recipe: change it with --set (e.g. --set sparsity=0.7), "
@@ -61,15 +59,11 @@ def cli_recipe(target: str, method: str | None = None, sparsity: float | None = 
 # ---------------------------------------------------------------- calibration, size and speed
 
 
-def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, log) -> list[dict]:
-    """Windows of the calibration text (its training split: the held-out split stays unseen), as batches."""
-    import numpy as np
-    import torch
-
-    from tunelab import models
+def calibration_sources(cfg: PruneRecipe, model_path: Path, log) -> list[tuple]:
+    """(spec, content hash, eval_fraction) of each calibration source: the split rule of eval/scoring.py, so
+    the calibration text is the training split of what the model trained on and never the text scored."""
     from tunelab.config import DataConfig, SourceSpec
-    from tunelab.data import tokenize_source
-    from tunelab.eval.perplexity import window_indices
+    from tunelab.data import source_content_hash
     from tunelab.runs import ancestor_source_specs, trained_sources
     from tunelab.stages.setup import resolve_cache_dir
 
@@ -78,13 +72,30 @@ def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, lo
     else:
         found = ancestor_source_specs([model_path])
         specs = [validate(s, "calibration.data", SourceSpec) for s in (found or [{"source": "builtin:prose"}])]
-    fractions = [f for f in trained_sources(model_path).values() if f is not None]
-    fraction = cfg.eval.eval_fraction or min(fractions, default=DataConfig().eval_fraction)
+    trained = trained_sources(model_path)
+    found = []
+    for spec in specs:
+        digest = source_content_hash(spec, resolve_cache_dir(), log=log)
+        found.append((spec, digest, cfg.eval.eval_fraction or trained.get(digest) or DataConfig().eval_fraction))
+    return found
+
+
+def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, log) -> list[dict]:
+    """Windows of the calibration text (its training split: the held-out split stays unseen), as batches."""
+    import numpy as np
+    import torch
+
+    from tunelab import models
+    from tunelab.data import tokenize_source
+    from tunelab.eval.perplexity import window_indices
+    from tunelab.stages.setup import resolve_cache_dir
+
+    sources = calibration_sources(cfg, model_path, log)
     seq = min(cfg.calibration.seq_len, models.max_positions(model) or cfg.calibration.seq_len)
     eos = models.eos_id(tokenizer)
     windows = []
-    per_source = max(1, cfg.calibration.max_tokens // seq // len(specs))
-    for spec in specs:
+    per_source = max(1, cfg.calibration.max_tokens // seq // len(sources))
+    for spec, _, fraction in sources:
         tokens = tokenize_source(spec, tokenizer, eos, resolve_cache_dir(), fraction, log=log).train
         n = len(tokens) // seq
         if n == 0:
@@ -105,32 +116,39 @@ def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, lo
         else:
             batch["labels"] = ids.clone()
         batches.append(batch)
-    log(f"calibration: {len(windows)} windows of {seq} tokens from {', '.join(s.source for s in specs)} "
+    log(f"calibration: {len(windows)} windows of {seq} tokens from {', '.join(s.source for s, _, _ in sources)} "
         "(training split)")
     return batches
 
 
-def measure(model, model_dir: Path | None = None, seq_len: int = 128, repeats: int = 5) -> dict:
-    """Parameters, non-zero parameters, bytes on disk and forward tokens/s (CPU or the model's device) of a model."""
+def measure(model, model_dir: Path) -> dict:
+    """Parameters, non-zero parameters and bytes on disk (the weights, not the masks) of a model."""
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "nonzero_params": sum(int((p.detach() != 0).sum()) for p in model.parameters()),
+            "bytes": sum(f.stat().st_size for f in Path(model_dir).glob("model*.safetensors"))}
+
+
+def forward_speed(models_: list, seq_len: int = 128, repeats: int = 7) -> list[float]:
+    """Forward tokens/s of each model on one batch (4 x seq_len random ids): a warm-up each, then `repeats`
+    rounds in which the models take turns (so a change in machine load hits them alike); the median."""
+    import statistics
+
     import torch
 
-    params = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int((p.detach() != 0).sum()) for p in model.parameters())
-    size = (sum(f.stat().st_size for f in Path(model_dir).glob("model*.safetensors")) if model_dir else None)  # not the masks
-    vocab = model.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(0)
-    device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (4, seq_len), generator=g).to(device)
-    model.eval()
-    times = []
+    vocab = models_[0].get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (4, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(models_[0].parameters()).device)
+    times: list[list[float]] = [[] for _ in models_]
     with torch.no_grad():
-        model(input_ids=ids)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
+        for model in models_:
+            model.eval()
             model(input_ids=ids)
-            times.append(time.perf_counter() - start)
-    return {"params": params, "nonzero_params": nonzero, "bytes": size,
-            "forward_tokens_per_s": round(ids.numel() / min(times), 1)}  # the fastest: least disturbed by other load
+        for _ in range(repeats):
+            for model, spent in zip(models_, times):
+                start = time.perf_counter()
+                model(input_ids=ids)
+                spent.append(time.perf_counter() - start)
+    return [round(ids.numel() / statistics.median(spent), 1) for spent in times]
 
 
 # ---------------------------------------------------------------- the stage
@@ -139,35 +157,30 @@ def measure(model, model_dir: Path | None = None, seq_len: int = 128, repeats: i
 def run_prune(cfg: PruneRecipe, out=None, resume: bool = False, quiet: bool = False, log=None) -> Path:
     """Prune the recipe's model into `out` (default runs/<name>): an HF model directory with lineage.json and
     prune.json. With resume, a finished prune in `out` is kept and returned."""
-    log = (lambda *a: None) if quiet else (log or print)
-    out = Path(out).expanduser() if out else Path("runs") / cfg.name
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if resume and (out / "prune.json").is_file():
-            log(f"{out}: prune already done, kept")
-            return out
-        if not (resume and cfg.method == "imp" and (out / "rounds").is_dir()):  # a lottery resumes round by round
-                raise RunDirError(f"{out} already exists and is not empty: choose a new --out (nothing was changed)")
-    if cfg.method == "imp":
-        from tunelab.stages.lottery import run_lottery
+    from tunelab.ops import operation
+    from tunelab.stages.lottery import run_lottery
 
-        return run_lottery(cfg, out, quiet=quiet, log=log)
-    return _prune_saved_model(cfg, out, log)
+    log = (lambda *a: None) if quiet else (log or print)
+    rounds = Path(out or Path("runs") / cfg.name).expanduser() / "rounds"
+    if cfg.method == "imp" and resume and rounds.is_dir() and not (rounds.parent / "lineage.json").is_file():
+        return run_lottery(cfg, rounds.parent, quiet=quiet, log=log)  # an unfinished lottery resumes round by round
+    out, done = operation.output_dir(out, cfg.name, "prune", resume, log)
+    if done:
+        return out
+    return run_lottery(cfg, out, quiet=quiet, log=log) if cfg.method == "imp" else _prune_saved_model(cfg, out, log)
 
 
 def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
     import torch
 
     from tunelab import models
-    from tunelab.ops import merge_inputs, prune
-    from tunelab.runs import staged_dir, weight_files_sha256
-    from tunelab.stages.merge import Scorer
+    from tunelab.eval.scoring import render_before_after
+    from tunelab.ops import operation, prune
 
-    item = merge_inputs.resolve_input(cfg.model, "pruned", "model")
+    (item,) = operation.resolve_inputs([(cfg.model, "pruned-from", "model")])
     started = time.time()
-    with staged_dir(out) as staged:
-        staging = staged / ".work"
-        staging.mkdir()
-        merge_inputs.materialize(item, staging, log)  # an adapter: merged onto its base first
+    with operation.staged_output(out) as (staged, work):
+        operation.materialize(item, work, log)  # an adapter: merged onto its base first
         tokenizer = models.load_tokenizer(str(item.model_dir), "model")
         torch.manual_seed(cfg.seed)
         model = models.load_model(str(item.model_dir), field="model")
@@ -200,7 +213,8 @@ def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
             masks = prune.masks_from_scores(scores, cfg.sparsity, cfg.scope, previous)
             prune.apply_masks(model, masks)
         # Scored after pruning, so a refused amount fails before any evaluation (the parent is scored from disk).
-        scorer = Scorer(cfg, [item], log) if (cfg.eval.data is None or cfg.eval.data) else None
+        calibrated = {d: f for _, d, f in calibration_sources(cfg, item.path, log)} if needs_data else None
+        scorer = operation.make_scorer(cfg.eval, [item.path], log, calibrated)
         scores_before = scorer(item.path) if scorer else None
         model.save_pretrained(staged, safe_serialization=True)
         tokenizer.save_pretrained(staged)
@@ -209,35 +223,24 @@ def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
             record["sparsity"] = prune.sparsity_report(model, masks)
             log(prune.render_sparsity(record["sparsity"]))
         after = measure(model, staged)
+        speed = ""
+        if masks is None:  # a smaller architecture runs faster; zeros in dense weights compute the same (not timed)
+            parent = models.load_model(str(item.model_dir), field="model")
+            before["forward_tokens_per_s"], after["forward_tokens_per_s"] = forward_speed([parent, model])
+            del parent
+            speed = (f"; forward {before['forward_tokens_per_s']:,.0f} -> {after['forward_tokens_per_s']:,.0f} "
+                     "tokens/s (median of 7 interleaved runs on one batch)")
         record["size"] = {"before": before, "after": after}
         if scorer:
             scores_after = scorer(staged)
             record["eval"] = {**scorer.describe(), "before": scores_before, "after": scores_after}
             log(render_before_after(scores_before, scores_after))
         log(f"parameters {before['params']:,} -> {after['params']:,} ({after['nonzero_params']:,} non-zero); "
-            f"on disk {before['bytes'] / 1e6:.2f} -> {after['bytes'] / 1e6:.2f} MB; forward "
-            f"{before['forward_tokens_per_s']:,.0f} -> {after['forward_tokens_per_s']:,.0f} tokens/s"
-            + (" (unstructured zeros do not speed up dense kernels)" if masks is not None else ""))
+            f"on disk {before['bytes'] / 1e6:.2f} -> {after['bytes'] / 1e6:.2f} MB" + speed)
         record.update(seconds=round(time.time() - started, 2), recipe=cfg.model_dump(mode="json"))
-        lineage = {"name": cfg.name, "stage": "prune",
-                   "parents": [{"role": "pruned-from", "path": str(item.path.resolve()), "label": item.label,
-                                "weights_sha256": weight_files_sha256(item.path)}],
-                   "method": {"name": cfg.method, "sparsity": cfg.sparsity, "count": cfg.count, "scope": cfg.scope,
-                              "criterion": cfg.criterion if cfg.method in STRUCTURED else None},
-                   "tokenizer": {"source": str(item.path.resolve()),
-                                 "fingerprint": models.tokenizer_fingerprint(tokenizer)}}
-        (staged / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
-        (staged / "prune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        shutil.rmtree(staging)
+        method = {"name": cfg.method, "sparsity": cfg.sparsity, "count": cfg.count, "scope": cfg.scope,
+                  "criterion": cfg.criterion if cfg.method in STRUCTURED else None}
+        operation.write_records(staged, "prune", cfg.name, [operation.parent_entry(item)], "prune.json", record,
+                                method=method, tokenizer=operation.tokenizer_entry(item, tokenizer))
     log(f"wrote {out}")
     return out
-
-
-def render_before_after(before: dict, after: dict) -> str:
-    """Held-out loss per domain before and after pruning, as aligned text."""
-    rows = [[d, f"{before[d]['loss']:.4f}", f"{after[d]['loss']:.4f}", f"{after[d]['loss'] - before[d]['loss']:+.4f}"]
-            for d in after]
-    header = ["domain", "before", "after", "change"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    fmt = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(header), *(fmt(r) for r in rows), "held-out loss, lower is better"])

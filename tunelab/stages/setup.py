@@ -26,6 +26,7 @@ from tunelab import models
 from tunelab.config import dump_config
 from tunelab.errors import RunDirError
 from tunelab.objectives import objective_class
+from tunelab.lineage import make as make_lineage, write as write_lineage
 from tunelab.runs import RunDir, atomic_write, environment, model_lineage, open_run_dir
 from tunelab.train import dist as distmod
 
@@ -300,17 +301,13 @@ def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None, init: I
     parent = {"role": "init", **model_lineage(cfg.model, init.model_dir), "weights_sha256_in_memory": base_sha256}
     if init.checkpoint is not None:  # init_from: the state carried over came from this checkpoint
         parent.update(describe_init(cfg, init))
-    return {
-        "name": cfg.name,
-        "stage": cfg.kind,
-        "parents": [parent],
-        "tokenizer": {"source": cfg.tokenizer.path or (str(init.model_dir) if init.trained else "trained"),
-                      "fingerprint": models.tokenizer_fingerprint(tokenizer)},
-        "data": [trained(s, "train") for s in data.sources] + [trained(s, "replay") for s in data.replay_sources],
-        "eval_data": [describe(s) for s in data.eval_sources],
-        "method": cfg.method.model_dump(),
-        "objective": cfg.objective.model_dump(),
-    }
+    return make_lineage(
+        cfg.kind, cfg.name, [parent],
+        tokenizer={"source": cfg.tokenizer.path or (str(init.model_dir) if init.trained else "trained"),
+                   "fingerprint": models.tokenizer_fingerprint(tokenizer)},
+        data=[trained(s, "train") for s in data.sources] + [trained(s, "replay") for s in data.replay_sources],
+        eval_data=[describe(s) for s in data.eval_sources],
+        method=cfg.method.model_dump(), objective=cfg.objective.model_dump())
 
 
 def write_records(stage: Stage, cfg, lineage_record: dict) -> None:
@@ -320,7 +317,7 @@ def write_records(stage: Stage, cfg, lineage_record: dict) -> None:
     atomic_write(stage.run.config, dump_config(cfg))
     stage.run.write_json("env.json", {**environment(), "precision": {"used": cfg.train.precision,
                                                                       "why": stage.precision_reason}})
-    stage.run.write_json("lineage.json", lineage_record)
+    write_lineage(stage.run.path, lineage_record)
 
 
 def save_final(method, model, tokenizer, run: RunDir) -> None:
