@@ -16,6 +16,7 @@ from pathlib import Path
 from tunelab import models
 from tunelab.errors import ModelError, RunDirError
 from tunelab.runs import file_sha256, staged_dir
+from tunelab.tokenizers import load_tokenizer
 
 FIELD = "RUN_OR_ADAPTER"
 
@@ -59,7 +60,7 @@ def export_model(source: str | Path, out: str | Path, merge: bool = False, base:
         model = models.load_model(str(src), field=FIELD)
         parents = [{"role": "model", "path": _absolute(str(src)), "weights_sha256": models.weights_sha256(model)}]
         merged = False
-    tokenizer = models.load_tokenizer(str(src), FIELD)
+    tokenizer = load_tokenizer(str(src), FIELD)
 
     # Written next to the target and renamed, so an interrupted export leaves no half directory at --out.
     with staged_dir(out) as tmp:

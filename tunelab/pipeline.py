@@ -132,7 +132,7 @@ def run_pipeline(path: Path, out: Path | None = None, quiet: bool = False,
     """`overrides` (--set) apply to every training stage, after the stage's own `set`."""
     from tunelab.runs import weight_files_sha256
     from tunelab.stages import run_stage
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
 
     path = Path(path)
     spec = validate(read_yaml(path), str(path), Pipeline)
@@ -233,7 +233,7 @@ def _operation(stage: Stage, resolved: dict, outputs: dict[str, Path], keys: dic
     weights of every model from outside the pipeline."""
     from tunelab.config import RECIPE_KINDS
     from tunelab.runs import weight_files_sha256
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
 
     from tunelab.config import RECIPES_DIR
 

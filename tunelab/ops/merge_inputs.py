@@ -59,6 +59,7 @@ def materialize(item: ModelInput, work: Path, log=print) -> None:
     saved without safetensors) a copy in `work`, loaded (adapters merged onto their base, checked against the
     base hash recorded at training) and saved once."""
     from tunelab import models
+    from tunelab.tokenizers import load_tokenizer
 
     if not item.adapter and weight_files(item.path):
         item.model_dir = item.path
@@ -72,7 +73,7 @@ def materialize(item: ModelInput, work: Path, log=print) -> None:
         model = models.load_model(str(item.path), field=item.given)
     target = work / f"input-{item.label.replace('#', '-')}"
     model.save_pretrained(target, safe_serialization=True)
-    models.load_tokenizer(str(item.path), item.given).save_pretrained(target)
+    load_tokenizer(str(item.path), item.given).save_pretrained(target)
     del model
     item.model_dir = target
 
@@ -101,14 +102,14 @@ def check_configs(inputs: list[ModelInput], sources: list[WeightFiles]) -> None:
 
 def check_vocabularies(inputs: list[ModelInput]):
     """Every tokenizer maps the same ids to the same tokens (vocab_policy: error); returns the first one."""
-    from tunelab import models
+    from tunelab.tokenizers import load_tokenizer, tokenizer_fingerprint
 
-    tokenizers = [models.load_tokenizer(str(i.model_dir), i.label) for i in inputs]
+    tokenizers = [load_tokenizer(str(i.model_dir), i.label) for i in inputs]
     first, ref = inputs[0], tokenizers[0]
-    ref_print = models.tokenizer_fingerprint(ref)
+    ref_print = tokenizer_fingerprint(ref)
     ref_tokens = None
     for item, tok in zip(inputs[1:], tokenizers[1:]):
-        if models.tokenizer_fingerprint(tok) == ref_print:
+        if tokenizer_fingerprint(tok) == ref_print:
             continue
         ref_tokens = ref_tokens or ref.convert_ids_to_tokens(list(range(len(ref))))
         tokens = tok.convert_ids_to_tokens(list(range(len(tok))))

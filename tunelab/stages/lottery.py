@@ -47,6 +47,7 @@ def write_start(rewind_dir: Path, masks: dict, out: Path) -> None:
     from tunelab import models
     from tunelab.ops import prune
     from tunelab.runs import staged_dir
+    from tunelab.tokenizers import load_tokenizer
 
     if (out / prune.MASKS_FILE).is_file():
         shutil.rmtree(out)  # recomputed (deterministic): a resumed lottery never trusts a half-written start
@@ -54,13 +55,14 @@ def write_start(rewind_dir: Path, masks: dict, out: Path) -> None:
     prune.apply_masks(model, masks)
     with staged_dir(out) as staged:
         model.save_pretrained(staged, safe_serialization=True)
-        models.load_tokenizer(str(rewind_dir)).save_pretrained(staged)
+        load_tokenizer(str(rewind_dir)).save_pretrained(staged)
         prune.save_masks(masks, staged)
 
 
 def run_lottery(cfg: PruneRecipe, out: Path, quiet: bool = False, log=print) -> Path:
     from tunelab import models
     from tunelab.ops import prune
+    from tunelab.paths import resolve_cache_dir
     from tunelab.runs import staged_dir, weight_files_sha256
     from tunelab.stages import run_stage, setup
 
@@ -96,7 +98,7 @@ def run_lottery(cfg: PruneRecipe, out: Path, quiet: bool = False, log=print) -> 
     init_dir = rounds / "init"
     if not (init_dir / "config.json").is_file():  # the weights before training: what rewind: init returns to
         setup.seed_everything(dense_cfg.train.seed)
-        cache = setup.resolve_cache_dir(dense_cfg.data.cache_dir)
+        cache = resolve_cache_dir(dense_cfg.data.cache_dir)
         tokenizer = setup.resolve_tokenizer(dense_cfg, cache, log)
         model = setup.initial_model(dense_cfg, tokenizer, log=log)
         shutil.rmtree(init_dir, ignore_errors=True)

@@ -311,11 +311,11 @@ def run_merge(cfg: MergeRecipe, out=None, resume: bool = False, quiet: bool = Fa
                             "weights_sha256": weight_files_sha256(base.path), "weight": None,
                             **({"adapter_base": base.info.get("adapter_base")} if base.adapter else {})})
         method = {"name": cfg.method, "options": {k: v for k, v in chosen["options"].items() if v is not None}}
-        from tunelab import models
+        from tunelab.tokenizers import tokenizer_fingerprint
 
         lineage = {"name": cfg.name, "stage": "merge", "parents": parents, "method": method,
                    "tokenizer": {"source": str(inputs[0].path.resolve()),
-                                 "fingerprint": models.tokenizer_fingerprint(tokenizer)},
+                                 "fingerprint": tokenizer_fingerprint(tokenizer)},
                    "vocab_policy": cfg.vocab_policy}
         mem = chosen["merge"]["memory"]
         mb = 1 << 20

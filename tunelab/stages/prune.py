@@ -71,7 +71,8 @@ def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, lo
     from tunelab.data import tokenize_source
     from tunelab.eval.perplexity import window_indices
     from tunelab.runs import ancestor_source_specs, trained_sources
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
+    from tunelab.tokenizers import eos_id
 
     if cfg.calibration.data is not None:
         specs = list(cfg.calibration.data)
@@ -81,7 +82,7 @@ def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, lo
     fractions = [f for f in trained_sources(model_path).values() if f is not None]
     fraction = cfg.eval.eval_fraction or min(fractions, default=DataConfig().eval_fraction)
     seq = min(cfg.calibration.seq_len, models.max_positions(model) or cfg.calibration.seq_len)
-    eos = models.eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     windows = []
     per_source = max(1, cfg.calibration.max_tokens // seq // len(specs))
     for spec in specs:
@@ -161,6 +162,7 @@ def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
     from tunelab.ops import merge_inputs, prune
     from tunelab.runs import staged_dir, weight_files_sha256
     from tunelab.stages.merge import Scorer
+    from tunelab.tokenizers import load_tokenizer, tokenizer_fingerprint
 
     item = merge_inputs.resolve_input(cfg.model, "pruned", "model")
     started = time.time()
@@ -168,7 +170,7 @@ def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
         staging = staged / ".work"
         staging.mkdir()
         merge_inputs.materialize(item, staging, log)  # an adapter: merged onto its base first
-        tokenizer = models.load_tokenizer(str(item.model_dir), "model")
+        tokenizer = load_tokenizer(str(item.model_dir), "model")
         torch.manual_seed(cfg.seed)
         model = models.load_model(str(item.model_dir), field="model")
         model.eval()
@@ -225,7 +227,7 @@ def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
                    "method": {"name": cfg.method, "sparsity": cfg.sparsity, "count": cfg.count, "scope": cfg.scope,
                               "criterion": cfg.criterion if cfg.method in STRUCTURED else None},
                    "tokenizer": {"source": str(item.path.resolve()),
-                                 "fingerprint": models.tokenizer_fingerprint(tokenizer)}}
+                                 "fingerprint": tokenizer_fingerprint(tokenizer)}}
         (staged / "lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
         (staged / "prune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         shutil.rmtree(staging)
