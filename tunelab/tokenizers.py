@@ -197,15 +197,20 @@ def add_tokens(tokenizer, tokens: list[str]):
         vocab, merges = model["vocab"], model["merges"]
         pairs = not merges or isinstance(merges[0], list)  # tokenizers >= 0.20 writes [a, b], older "a b"
         next_id = max([*vocab.values(), *(t["id"] for t in state.get("added_tokens", []))]) + 1
-        spelled = {}
+        spelled, old, added = {}, set(vocab), set()
         for token, pieces in zip(tokens, encode(list(tokens))):
             if len(pieces) < 2:
-                raise ModelError(f"new token {token!r} is already {'a token' if pieces else 'empty'}: "
+                raise ModelError(f"new token {token!r} is {'already a token' if pieces else 'empty'}: "
                                  "list only texts the tokenizer splits")
             parts = tokenizer.convert_ids_to_tokens(pieces)
             merged = parts[0]
             for part in parts[1:]:  # a left-to-right chain of merges ending in the whole token
-                merges.append([merged, part] if pairs else f"{merged} {part}")
+                if merged + part in old:  # a new merge making an old token would change old encodings
+                    raise ModelError(f"new token {token!r}: {merged + part!r} is already a token that this text does "
+                                     "not encode to; add a longer or shorter token")
+                if (merged, part) not in added:
+                    added.add((merged, part))
+                    merges.append([merged, part] if pairs else f"{merged} {part}")
                 merged += part
                 if merged not in vocab:
                     vocab[merged], next_id = next_id, next_id + 1

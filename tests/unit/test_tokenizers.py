@@ -48,7 +48,7 @@ def test_a_cached_tokenizer_is_trained_once_and_keeps_its_fingerprint(tmp_path):
 # ---------------------------------------------------------------- vocabulary expansion
 
 
-NEW = [" alphabeta", " tokencache", " mixturepackingwindow"]
+NEW = [" alphabeta", " tokencache", " tokencacheeval", " mixturepackingwindow"]  # two share a chain of merges
 
 
 def test_added_tokens_keep_every_id_and_every_old_encoding(tmp_path):
@@ -98,6 +98,14 @@ def test_adding_tokens_refuses_what_cannot_be_one_new_token():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    # "abc" is a token, but "abc" encodes as [a, bc] (merge b+c ranks first, and no merge makes a+bc): a new merge
+    # a+bc would make the old token where old texts had two, so it is refused.
+    bpe = Tokenizer(models.BPE({"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5}, [("b", "c"), ("a", "b")]))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ModelError, match="'abc' is already a token that this text does not encode to"):
+        tokenizers.add_tokens(PreTrainedTokenizerFast(tokenizer_object=bpe), ["abc"])
+    with pytest.raises(ModelError, match="is empty"):
+        tokenizers.add_tokens(tok, [""])
     wordlevel = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ModelError, match="needs a BPE tokenizer"):
