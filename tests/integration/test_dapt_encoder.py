@@ -171,7 +171,7 @@ def test_package_model_loads_without_any_network_call():
     code = ("import socket\n"
             "def refuse(*a, **k): raise RuntimeError(f'network call: {a!r}')\n"
             "socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse\n"
-            "from tunelab import models\n"
+            "from tunelab import models, tokenizers\n"
             f"models.load_model({PACKAGE!r}); print(len(tokenizers.load_tokenizer({PACKAGE!r})))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
