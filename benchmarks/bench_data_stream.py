@@ -103,7 +103,7 @@ def source_bytes(source: Path) -> int:
 
 
 def child(args) -> None:
-    from tunelab import models, tokenizers
+    from tunelab import tokenizers
     from tunelab.config import SourceSpec
     from tunelab.data import source_content_hash, tokenize_source
 
