@@ -3,9 +3,9 @@ around a document (BOS/EOS), the chat template a run renders with, and vocabular
 every existing id.
 
 Named as DESIGN.md's library layer names it. Import it as `from tunelab import tokenizers`; inside this
-file `from tokenizers import ...` is the PyPI package (imports are absolute), and no other tunelab module
-imports that package, so the two names never meet in one namespace. A library leaf: it imports nothing
-of tunelab but errors and paths (data/, models.py and eval/ build on it).
+file `from tokenizers import ...` is the PyPI package (imports are absolute). Keep the PyPI package's
+uses here (eval/perplexity.py's byte alphabet is the one other), so the two never meet in one namespace.
+A library leaf: it imports nothing of tunelab but errors and paths (data/, models.py, eval/ build on it).
 """
 
 from __future__ import annotations

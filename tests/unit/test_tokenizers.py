@@ -158,7 +158,8 @@ def test_a_dpo_run_saves_the_template_it_trained_with(tmp_path):
     entry = json.loads((run / "lineage.json").read_text())["data"][0]
     arrays, _ = _load_entry(resolve_cache_dir() / "tokens" / entry["cache_key"])
     tokens, starts = arrays["train"].tolist(), arrays["train_starts"].tolist() + [len(arrays["train"])]
-    trained = [plain.backend_tokenizer.decode(tokens[a:b], skip_special_tokens=False) for a, b in zip(starts, starts[1:])]
+    decode = plain.backend_tokenizer.decode
+    trained = [decode(tokens[a:b], skip_special_tokens=False) for a, b in zip(starts, starts[1:])]
     rendered = {plain.apply_chat_template([{"role": r, "content": c} for r, c in conversation], tokenize=False)
                 for line in pairs.read_text().splitlines()
                 for conversation in pair_from_row(json.loads(line), "pairs").conversations()}
