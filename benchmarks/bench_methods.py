@@ -237,7 +237,7 @@ def record_sizes(phases: Phases, model, optimizer) -> None:
 
 def instrument_tunelab(phases: Phases, step_rss: list) -> None:
     """Phase boundaries at the calls run_training makes (module attributes, looked up at call time)."""
-    from tunelab import models, runs, tokenizers
+    from tunelab import models, runs
     from tunelab.stages import setup, training_data
     from tunelab.train import checkpoint as ckpt
     from tunelab.train import loop
@@ -339,7 +339,7 @@ def worker_peer(spec: dict, phases: Phases) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from tunelab import models, tokenizers
+    from tunelab import tokenizers
     from tunelab.paths import resolve_cache_dir
     from tunelab.stages.setup import seed_everything
     from tunelab.stages.training_data import build_data, packed_batches
@@ -408,7 +408,7 @@ def worker_prepare(spec: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunelab import models, tokenizers
+    from tunelab import tokenizers
     from tunelab.config import SourceSpec
     from tunelab.data import tokenizer_training_texts
     from tunelab.paths import resolve_cache_dir

@@ -142,7 +142,7 @@ def test_continuing_on_new_data_starts_a_fresh_data_stream(tmp_path, corpora, ba
 def test_init_optimizer_carries_the_moments_a_lisa_run_kept_into_full_training(tmp_path, corpora, base):
     """LISA keeps moments only for the layers trainable at its last step: a full fine-tune continuing it
     gets those, by name, and starts the other tensors' moments fresh (its own lr and weight decay)."""
-    from tunelab import models, tokenizers
+    from tunelab import models
 
     notes = str(corpora["notes"])
     lisa = train(tmp_path, "lisa", recipe(notes, init_from=str(base),
@@ -470,7 +470,7 @@ def test_anneal_from_a_checkpoint_that_is_not_kept_fails_in_one_line(base):
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, base):
     """Things the bad recipes point at: a plain folder, a model without lineage, a bigger tokenizer, a tiny file."""
-    from tunelab import models, tokenizers
+    from tunelab import tokenizers
 
     root = tmp_path_factory.mktemp("bad")
     (root / "plain").mkdir()

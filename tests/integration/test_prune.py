@@ -101,7 +101,7 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _prunable_names(model_dir: Path) -> list[str]:
-    from tunelab import models, tokenizers
+    from tunelab import models
 
     return list(prune.prunable_params(models.load_model(str(model_dir))))
 
@@ -224,7 +224,7 @@ def _recovery_recipe(path: Path, base: dict, start: Path, method: str) -> Path:
 def test_masked_training_keeps_every_pruned_weight_at_zero(base, magnitude_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from tunelab import models, tokenizers
+    from tunelab import models
 
     run = _train(_recovery_recipe(tmp_path / "masked.yaml", base, magnitude_dir, "masked"), tmp_path / "masked")
     masks = prune.load_masks(magnitude_dir)
