@@ -1,7 +1,7 @@
 """Streaming tokenization of a big source: wall time, MB/s, peak memory, and the cached re-run.
 
 Generates a ~1 GB folder of text files (or, with --format, a ~1 GB JSON Lines file, or both) in a temporary
-folder, trains a small byte-level BPE on the generated text (tunelab.models.train_tokenizer, vocab 4096),
+folder, trains a small byte-level BPE on the generated text (tunelab.tokenizers.train_tokenizer, vocab 4096),
 then tokenizes the source through tunelab.data.tokenize_source in a fresh subprocess and reports its
 wall time, MB/s and peak RSS (the child's own ru_maxrss, which includes torch/transformers imports:
 the RSS after imports is shown beside it). The fresh run has two passes, both timed: reading and
@@ -103,12 +103,12 @@ def source_bytes(source: Path) -> int:
 
 
 def child(args) -> None:
-    from tunelab import models
+    from tunelab import tokenizers
     from tunelab.config import SourceSpec
     from tunelab.data import source_content_hash, tokenize_source
 
-    tokenizer = models.load_tokenizer(args.tokenizer)
-    eos = models.eos_id(tokenizer)
+    tokenizer = tokenizers.load_tokenizer(args.tokenizer)
+    eos = tokenizers.eos_id(tokenizer)
     spec = SourceSpec(source=args.source)
     cache = Path(args.cache)
     rss_after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -198,7 +198,7 @@ def main() -> None:
     import tokenizers
     import transformers
 
-    from tunelab import models, runs
+    from tunelab import runs, tokenizers
     from tunelab.data.sources import RACY_SECONDS
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="tunelab-bench-data-"))
@@ -221,7 +221,7 @@ def main() -> None:
 
         start = time.perf_counter()
         # Trained on the generated text itself (every file is made of it): the same tokenizer for every --format.
-        tok = models.train_tokenizer((text[i:i + 65536] for i in range(0, len(text), 65536)), 4096)
+        tok = tokenizers.train_tokenizer((text[i:i + 65536] for i in range(0, len(text), 65536)), 4096)
         tok.save_pretrained(work / "tokenizer")
         print(f"trained a byte-level BPE (vocab 4096) on {len(text) / 1e6:.0f} MB in "
               f"{time.perf_counter() - start:.1f} s")

@@ -8,7 +8,7 @@ the size at which their memory savings show, and LoRA against peft + HF `Trainer
 What runs:
 - models: Llama-shaped configs (`LlamaForCausalLM`, tied embeddings as tunelab's presets, head_dim 64, SiLU MLP of
   ~2.75x hidden) of ~10M, ~40M, ~100M and ~200M parameters with a 32,000-token byte-level BPE trained by
-  `tunelab.models.train_tokenizer` on `builtin:code`; each built once from seed 0 and saved as an HF model dir
+  `tunelab.tokenizers.train_tokenizer` on `builtin:code`; each built once from seed 0 and saved as an HF model dir
   (+ tokenizer) under benchmarks/out/methods/models/, given to every run as `model.path`. The weights are random:
   what is measured (memory, speed) does not depend on them.
 - tunelab: every configuration runs the real `finetune` stage (`tunelab.stages.run_stage`) on a recipe built here
@@ -341,8 +341,9 @@ def worker_peer(spec: dict, phases: Phases) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from tunelab import models
-    from tunelab.stages.setup import resolve_cache_dir, seed_everything
+    from tunelab import tokenizers
+    from tunelab.paths import resolve_cache_dir
+    from tunelab.stages.setup import seed_everything
     from tunelab.stages.training_data import build_data, packed_batches
     from tunelab.train.dist import Dist
 
@@ -352,7 +353,7 @@ def worker_peer(spec: dict, phases: Phases) -> dict:
     tc, opts = cfg.train, cfg.method.options
     phases.mark("set-up (tokenizer, data, cached)")
     seed_everything(tc.seed)
-    tokenizer = models.load_tokenizer(spec["model_dir"])
+    tokenizer = tokenizers.load_tokenizer(spec["model_dir"])
     batches = packed_batches(cfg, build_data(cfg, tokenizer, resolve_cache_dir(None), lambda *a: None),
                              tokenizer, Dist())
     rows = []
@@ -409,10 +410,10 @@ def worker_prepare(spec: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunelab import models
+    from tunelab import tokenizers
     from tunelab.config import SourceSpec
     from tunelab.data import tokenizer_training_texts
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
     from tunelab.stages.training_data import build_data
 
     t0 = time.perf_counter()
@@ -421,14 +422,14 @@ def worker_prepare(spec: dict) -> dict:
     tok_dir = out / "methods" / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         print(f"  training a {VOCAB}-token BPE on builtin:code ...", flush=True)
-        tok = models.train_tokenizer(tokenizer_training_texts([SourceSpec(source="builtin:code")], cache, 8_000_000),
+        tok = tokenizers.train_tokenizer(tokenizer_training_texts([SourceSpec(source="builtin:code")], cache, 8_000_000),
                                      VOCAB)
         tok.save_pretrained(tok_dir)
-    tokenizer = models.load_tokenizer(str(tok_dir))
+    tokenizer = tokenizers.load_tokenizer(str(tok_dir))
     info = {"vocab": len(tokenizer), "sizes": {}}
     for size in spec["sizes"]:
         where = model_dir(out, size)
-        eos = models.eos_id(tokenizer)
+        eos = tokenizers.eos_id(tokenizer)
         fields = dict(vocab_size=len(tokenizer), num_key_value_heads=SIZES[size]["num_attention_heads"],
                       max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos,
                       pad_token_id=tokenizer.pad_token_id, **SIZES[size])

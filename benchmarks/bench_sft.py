@@ -9,7 +9,7 @@ What is held equal (RESULTS.md, section "SFT", has the numbers):
 - model: one llama-shaped model (`tunelab.models.build_model(preset)` after torch.manual_seed(0)), saved once to
   benchmarks/out/sft/base-<preset>/ with its tokenizer; both frameworks load that directory (identical weights);
   sdpa attention, fp32, no torch.compile, no gradient checkpointing (TRL turns it on by default: turned off);
-- tokenizer: byte-level BPE trained by `tunelab.models.train_tokenizer` on the examples' plain text, its
+- tokenizer: byte-level BPE trained by `tunelab.tokenizers.train_tokenizer` on the examples' plain text, its
   chat_template = BUILTIN_TEMPLATE with `{% generation %}` markers around each reply (MARKED_TEMPLATE below):
   it renders the very same text (checked on every example), and TRL needs the markers for assistant-only loss;
 - data: builtin:instruct (`tunelab.data.instruct.builtin_instruct_file`), the training split only: tunelab
@@ -69,7 +69,7 @@ SECTION = ("<!-- sft:start -->", "<!-- sft:end -->")
 SHARED = dict(micro_batch_size=8, seq_len=256, lr=5e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
               grad_clip=1.0, seed=0, eval_fraction=0.02, vocab_size=8192)
 
-# tunelab.data.chat.BUILTIN_TEMPLATE with `{% generation %}` around each reply and its EOS: the same text.
+# tunelab.tokenizers.BUILTIN_TEMPLATE with `{% generation %}` around each reply and its EOS: the same text.
 MARKED_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|' + message['role'] + '|>\\n' }}"
@@ -117,10 +117,12 @@ def prepare(args, out: Path) -> dict:
     import numpy as np
     import torch
 
-    from tunelab import models
-    from tunelab.data.chat import BUILTIN_TEMPLATE, ChatRenderer, chat_from_row, encode_segments
+    from tunelab import models, tokenizers
+    from tunelab.data.chat import ChatRenderer, chat_from_row, encode_segments
+    from tunelab.tokenizers import BUILTIN_TEMPLATE
     from tunelab.data.split import split_documents
-    from tunelab.stages.setup import resolve_cache_dir, resolve_tokenizer
+    from tunelab.paths import resolve_cache_dir
+    from tunelab.stages.setup import resolve_tokenizer
     from tunelab.stages.training_data import build_data, packed_batches
     from tunelab.train.dist import Dist
 
@@ -132,7 +134,7 @@ def prepare(args, out: Path) -> dict:
     # Tokenizer and model, saved together: the one directory both frameworks load.
     base = out / f"base-{args.preset}"
     shutil.rmtree(base, ignore_errors=True)
-    tok = models.train_tokenizer([c.text() for c in chats], SHARED["vocab_size"])
+    tok = tokenizers.train_tokenizer([c.text() for c in chats], SHARED["vocab_size"])
     tok.chat_template = MARKED_TEMPLATE
     torch.manual_seed(SHARED["seed"])
     model = models.build_model(args.preset, tok)

@@ -94,7 +94,8 @@ def load_cfg(spec: dict):
 def tunelab_data(cfg, log=lambda *a: None):
     """Tokenizer + the packed batch source (`.sets`, `.mixture`) exactly as the pretrain stage builds them
     (from the shared token cache)."""
-    from tunelab.stages.setup import resolve_cache_dir, resolve_tokenizer
+    from tunelab.paths import resolve_cache_dir
+    from tunelab.stages.setup import resolve_tokenizer
     from tunelab.stages.training_data import build_data, packed_batches
     from tunelab.train.dist import Dist
 

@@ -84,19 +84,19 @@ def evals(run: Path) -> dict:
 
 def base_pair_metrics(base: Path) -> dict:
     """The held-out pairs scored on the pretrained base (no template training yet), as the runs score them."""
-    from tunelab import models
+    from tunelab import models, tokenizers
     from tunelab.config import SourceSpec
     from tunelab.data import tokenize_source
-    from tunelab.data.chat import BUILTIN_TEMPLATE
+    from tunelab.tokenizers import BUILTIN_TEMPLATE
     from tunelab.data.rows import PairSet
     from tunelab.eval.preference import evaluate_pairs
 
-    tok = models.load_tokenizer(str(base))
+    tok = tokenizers.load_tokenizer(str(base))
     tok.chat_template = tok.chat_template or BUILTIN_TEMPLATE  # what the SFT run does for a template-less tokenizer
-    src = tokenize_source(SourceSpec(source="builtin:preference"), tok, models.eos_id(tok), CACHE, 0.05,
+    src = tokenize_source(SourceSpec(source="builtin:preference"), tok, tokenizers.eos_id(tok), CACHE, 0.05,
                           log=lambda *a: None)
     pairs = PairSet(src.eval, src.eval_starts, src.eval_mask, 128)
-    return evaluate_pairs(models.load_model(str(base)), pairs, batch_size=8, pad_id=models.eos_id(tok),
+    return evaluate_pairs(models.load_model(str(base)), pairs, batch_size=8, pad_id=tokenizers.eos_id(tok),
                           max_tokens=128 * 1000)
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.errors import ModelError
 
 
@@ -25,12 +25,12 @@ class Conversation:
                  greedy: bool = False, temperature: float = 0.8, top_k: int = 50, log: Callable = print):
         from tunelab.data.chat import ChatRenderer
 
-        self.tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
+        self.tokenizer = tokenizers.load_tokenizer(model_dir, "MODEL_DIR")
         self.model = models.load_model(model_dir, field="MODEL_DIR", base=base).eval()
         if models.is_encoder(self.model):
             raise ModelError(f"{model_dir}: an encoder (masked LM) cannot generate text; use `tunelab eval` instead")
         self.renderer = ChatRenderer(self.tokenizer, where=model_dir)
-        self.eos = models.eos_id(self.tokenizer)
+        self.eos = tokenizers.eos_id(self.tokenizer)
         self.history: list[tuple[str, str]] = [("system", system)] if system else []
         self.max_new_tokens, self.greedy, self.temperature, self.top_k = max_new_tokens, greedy, temperature, top_k
         self.log = log

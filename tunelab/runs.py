@@ -190,7 +190,7 @@ def model_lineage(model_cfg, path: str | Path | None = None) -> dict:
     dir or a hub id. `path`: the resolved starting directory (init_from), default model.path."""
     path = path if path is not None else model_cfg.path
     if path is not None and str(path).startswith("package:"):  # a model shipped in an installed package
-        from tunelab.models import resolve_model_path
+        from tunelab.paths import resolve_model_path
 
         return {**model_lineage(model_cfg, resolve_model_path(str(path))), "kind": "package", "id": str(path)}
     if path is None:

@@ -470,13 +470,13 @@ def test_anneal_from_a_checkpoint_that_is_not_kept_fails_in_one_line(base):
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory, base):
     """Things the bad recipes point at: a plain folder, a model without lineage, a bigger tokenizer, a tiny file."""
-    from tunelab import models
+    from tunelab import tokenizers
 
     root = tmp_path_factory.mktemp("bad")
     (root / "plain").mkdir()
     (root / "plain" / "readme.txt").write_text("not a run\n")
     shutil.copytree(base / "final", root / "orphan" / "model")  # no lineage.json anywhere near it
-    tok = models.load_tokenizer(str(base / "final"))
+    tok = tokenizers.load_tokenizer(str(base / "final"))
     tok.add_tokens([f"newtoken{i}" for i in range(7)])
     tok.save_pretrained(root / "bigger-tok")
     (root / "tiny.txt").write_text("A few words.\n")

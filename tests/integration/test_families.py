@@ -25,7 +25,7 @@ import yaml
 from families import CAUSAL, MASKED, tiny_model
 from safetensors.torch import load_file
 
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.arch import arch_of
 from tunelab.runs import read_metrics
 
@@ -88,13 +88,13 @@ def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
     """tunelab's byte-level BPE (eos, pad, mask tokens), trained once on the corpus and shared by every family."""
     texts = [p.read_text() for p in sorted(corpus_dir.rglob("*.txt"))]
     path = tmp_path_factory.mktemp("family-tokenizer")
-    models.train_tokenizer(texts, vocab_size=320).save_pretrained(path)
+    tokenizers.train_tokenizer(texts, vocab_size=320).save_pretrained(path)
     return path
 
 
 def base_model(family: str, tokenizer_dir: Path, root: Path) -> Path:
     """A tiny random model of the family, saved with the shared tokenizer: a directory model.path can name."""
-    tok = models.load_tokenizer(str(tokenizer_dir))
+    tok = tokenizers.load_tokenizer(str(tokenizer_dir))
     model = tiny_model(family, vocab_size=len(tok), pad=tok.pad_token_id, eos=tok.eos_token_id)
     path = root / "base"
     model.save_pretrained(path)
@@ -108,7 +108,7 @@ def logits(model, ids) -> torch.Tensor:
 
 
 def ids_of(model_dir: Path) -> torch.Tensor:
-    tok = models.load_tokenizer(str(model_dir))
+    tok = tokenizers.load_tokenizer(str(model_dir))
     return torch.tensor([tok("the model data token train loss step layer weight")["input_ids"]])
 
 

@@ -198,10 +198,10 @@ def test_greedy_soup_and_a_weight_sweep(family, tmp_path):
 @pytest.fixture(scope="module")
 def oddballs(family):
     """A model of another depth (same tokenizer) and a copy of b whose vocabulary swaps two tokens."""
-    from tunelab import models
+    from tunelab import models, tokenizers
 
     root = family["root"]
-    tok = models.load_tokenizer(str(family["a"] / "final"))
+    tok = tokenizers.load_tokenizer(str(family["a"] / "final"))
     deeper = root / "deeper"
     models.build_model("llama-micro", tok, overrides={"num_hidden_layers": 3}).save_pretrained(deeper)
     tok.save_pretrained(deeper)

@@ -133,7 +133,7 @@ class SelectRecipe(BaseModel):
 
 def run_select(cfg: SelectRecipe, out: Path, resume: bool = False, quiet: bool = False) -> Path:
     from tunelab.data import iter_documents, source_content_hash
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
 
     spec, cache = cfg.data_sources()[0], resolve_cache_dir()
     docs = [d for i, d in enumerate(iter_documents(spec, cache, log=lambda *a: None)) if i % cfg.keep_every == 0]

@@ -185,7 +185,7 @@ def test_cli_magnitude_prune_is_a_plain_hf_model_with_exact_sparsity(base, magni
 
 
 def test_wanda_prune_recomputes_from_its_calibration_text(base, tmp_path):
-    from tunelab import models
+    from tunelab import models, tokenizers
     from tunelab.stages.prune import calibration_batches
 
     out = tmp_path / "wanda"
@@ -199,7 +199,7 @@ def test_wanda_prune_recomputes_from_its_calibration_text(base, tmp_path):
     # The masks are Wanda's |W|·‖x‖ per row on the default calibration text: what the model trained on.
     cfg = cli_recipe(str(base["run"]), method="wanda", sparsity=0.5, overrides=SMALL)
     model = models.load_model(str(base["final"])).eval()
-    batches = calibration_batches(cfg, model, models.load_tokenizer(str(base["final"])), base["final"],
+    batches = calibration_batches(cfg, model, tokenizers.load_tokenizer(str(base["final"])), base["final"],
                                   lambda *a: None)
     params = prune.prunable_params(model)
     expected = prune.masks_from_scores(prune.wanda_scores(model, params, batches), 0.5, "row")

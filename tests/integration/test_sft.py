@@ -34,14 +34,14 @@ def base(tmp_path_factory):
     """A freshly initialised llama-micro with a 512-token BPE trained on the instruction data itself."""
     import torch
 
-    from tunelab import models
+    from tunelab import models, tokenizers
     from tunelab.data.chat import chat_from_row
     from tunelab.data.instruct import builtin_instruct_file
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
 
     out = tmp_path_factory.mktemp("sft") / "base"
     lines = builtin_instruct_file("instruct", resolve_cache_dir()).read_text().splitlines()
-    tok = models.train_tokenizer([chat_from_row(json.loads(line), "x").text() for line in lines], 512)
+    tok = tokenizers.train_tokenizer([chat_from_row(json.loads(line), "x").text() for line in lines], 512)
     torch.manual_seed(0)
     models.build_model("llama-micro", tok, {"max_position_embeddings": 256}).save_pretrained(out)
     tok.save_pretrained(out)
@@ -65,7 +65,7 @@ def sft_run(base):
 def test_held_out_reply_loss_falls_and_the_template_is_saved(sft_run):
     from transformers import AutoTokenizer
 
-    from tunelab.data.chat import BUILTIN_TEMPLATE
+    from tunelab.tokenizers import BUILTIN_TEMPLATE
 
     evals = [e for e in read_metrics(sft_run / "metrics.jsonl") if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [0, 6, 12] and {e["domain"] for e in evals} == {"instruct"}

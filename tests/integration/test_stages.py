@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 
 import tunelab.objectives
 from conftest import make_document, run_and_sigkill, run_cli, write_corpus
-from tunelab import models
+from tunelab import tokenizers
 from tunelab.config import validate_recipe
 from tunelab.errors import RunDirError, TunelabError
+from tunelab.paths import resolve_cache_dir
 from tunelab.methods.base import lm_loss
 from tunelab.objectives.base import Objective
 from tunelab.runs import read_metrics, train_losses
@@ -88,7 +89,7 @@ def micro_batch_counts(cfg) -> list[int]:
     from tunelab.stages import setup, training_data
     from tunelab.train.dist import Dist
 
-    cache = setup.resolve_cache_dir(cfg.data.cache_dir)
+    cache = resolve_cache_dir(cfg.data.cache_dir)
     tok = setup.resolve_tokenizer(cfg, cache, log=lambda *a: None)
     data = training_data.build_data(cfg, tok, cache, log=lambda *a: None)
     objective = create_objective(cfg.objective.name, cfg.objective.options)
@@ -307,7 +308,7 @@ def test_eval_only_source_is_scored_whole_and_training_source_on_its_split(tmp_p
         assert e["tokens"] == e["step"] * 4 * SEQ
         assert e["eval_tokens"] > 0 and e["loss"] > 0 and e["bpb"] > 0
 
-    tok = models.load_tokenizer(str(run / "final"))
+    tok = tokenizers.load_tokenizer(str(run / "final"))
     # notes: one document, scored whole: its tokens + the EOS closing it, in full windows (the tail that
     # does not fill one is dropped), each window's first token without a target.
     n_notes = len(tok(notes.read_text(), add_special_tokens=False)["input_ids"]) + 1
@@ -369,8 +370,8 @@ def test_a_source_an_ancestor_trained_on_stays_held_out(tmp_path, corpus):
     from tunelab.stages import setup, training_data
 
     cfg = validate_recipe(again, "again")
-    tok = setup.resolve_tokenizer(cfg, setup.resolve_cache_dir(), log=lambda *a: None)
-    training_data.build_data(cfg, tok, setup.resolve_cache_dir(), log=messages.append)
+    tok = setup.resolve_tokenizer(cfg, resolve_cache_dir(), log=lambda *a: None)
+    training_data.build_data(cfg, tok, resolve_cache_dir(), log=messages.append)
     assert any("larger than the 0.1 an ancestor held out" in m for m in messages)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.analyze import analyze, effective_rank, intruder_dimensions, tensor_stats
 from tunelab.errors import ModelError
 
@@ -172,7 +172,7 @@ def test_detection_matches_peft_reduce_intruder_dimension():
 def small_tokenizer():
     rng = random.Random(0)
     texts = [" ".join(rng.choice(_WORDS) for _ in range(60)) + "." for _ in range(80)]
-    return models.train_tokenizer(texts, vocab_size=300)
+    return tokenizers.train_tokenizer(texts, vocab_size=300)
 
 
 def save_model(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:

@@ -221,3 +221,38 @@ def test_unknown_domain_is_a_data_error(tmp_path):
     assert "\n" not in message
     assert all(f"builtin:{d}" in message for d in DOMAINS)
     assert not (tmp_path / "builtin").exists()  # rejected before any extraction
+
+
+def test_one_scan_of_public_definitions_feeds_the_instruction_data_and_the_task(tmp_path):
+    from tunelab.data.instruct import documented_callables
+    from tunelab.eval.builtin_tasks import public_functions
+
+    files = {"mod.py": textwrap.dedent('''
+                 def public(a, b=1):
+                     """Adds things together nicely."""
+                 def _private():
+                     """Not asked about at all."""
+                 class Thing:
+                     def method(self, x):
+                         """Does something with x, clearly."""
+                     @property
+                     def prop(self):
+                         """A property is read, not called."""
+                     def _hidden(self):
+                         """Private methods are skipped."""
+                 class _Private:
+                     def m(self):
+                         """Private classes are skipped."""
+                 '''),
+             "broken.py": "def (:\n", "_private_mod.py": 'def f():\n    """A private module."""\n',
+             "test/test_mod.py": 'def test_x():\n    """A test file."""\n'}
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    rels = builtin.python_files(tmp_path)
+    found = [(m, node.name, cls.name if cls else None) for m, node, cls in builtin.public_definitions(tmp_path, rels)]
+    assert found == [("mod", "public", None), ("mod", "method", "Thing"), ("mod", "prop", "Thing")]
+    assert documented_callables(tmp_path, rels) == [
+        ("mod.public", "function", "a, b=1", "Adds things together nicely."),
+        ("mod.Thing.method", "method", "x", "Does something with x, clearly.")]
+    assert public_functions(tmp_path, rels) == [("mod", "public", "a, b=1", "Adds things together nicely.")]

@@ -13,8 +13,9 @@ import torch
 from test_data_helpers import byte_level_tokenizer
 from tunelab.config import SourceSpec
 from tunelab.data import collate, tokenize_source
-from tunelab.data.chat import BUILTIN_TEMPLATE, Chat, ChatRenderer, chat_from_row, encode_segments
+from tunelab.data.chat import Chat, ChatRenderer, chat_from_row, encode_segments
 from tunelab.data.rows import ExampleRows, example_spans, pack_rows
+from tunelab.tokenizers import BUILTIN_TEMPLATE
 from tunelab.errors import DataError
 
 EOS = "<|endoftext|>"

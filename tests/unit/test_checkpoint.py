@@ -15,7 +15,8 @@ import torch
 
 from tunelab.errors import RunDirError
 from tunelab.methods import create_method
-from tunelab.models import build_model, train_tokenizer
+from tunelab.models import build_model
+from tunelab.tokenizers import train_tokenizer
 from tunelab.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]

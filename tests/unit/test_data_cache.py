@@ -18,6 +18,7 @@ import tunelab.data.tokcache as tokcache
 from test_data_helpers import age, byte_level_tokenizer, decode_documents, make_code, make_text, write_docs
 from tunelab.config import SourceSpec
 from tunelab.data import split_documents, tokenize_source, tokenize_sources
+from tunelab.tokenizers import encoder
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_single_big_file_is_split_and_tokenized_like_the_tokenizer_does(tmp_path
         assert np.asarray(tokens).tolist() == [t for piece in pieces
                                                for t in tokenizer(piece, add_special_tokens=False)["input_ids"] + [eos]]
     longest = max(train, key=len)
-    assert len(list(encode.chunks(longest, 0, len(longest), encode.encoder(tokenizer)))) > 5
+    assert len(list(encode.chunks(longest, 0, len(longest), encoder(tokenizer)))) > 5
 
 
 def test_backend_truncation_left_on_by_the_caller_is_ignored(tmp_path, tokenizer):

@@ -68,7 +68,7 @@ def test_a_bert_like_tokenizer_gets_cls_before_and_sep_after(tmp_path):
 
 
 def test_a_suffix_that_is_not_the_eos_is_followed_by_it():
-    from tunelab.data.encode import closing_tokens
+    from tunelab.tokenizers import closing_tokens
 
     assert closing_tokens([], 7) == [7]
     assert closing_tokens([3], 3) == [3]

@@ -22,7 +22,8 @@ from tunelab.eval.generation import distinct_n, longest_repeat, prompt_windows, 
 from tunelab.eval.multiple_choice import (Example, bootstrap_ci, context_prefix, paired_delta, predictions, read_task,
                                           score_choices, task_result)
 from tunelab.eval.power_law import fit_chinchilla, fit_compute, predict, t975
-from tunelab.models import build_model, train_tokenizer
+from tunelab.models import build_model
+from tunelab.tokenizers import train_tokenizer
 
 # ---------------------------------------------------------------- repetition and diversity
 
@@ -292,7 +293,7 @@ def test_generation_quality_of_a_uniform_model(tiny):
     """Zero logits: every next-token distribution is uniform (entropy ln V exactly), greedy decoding takes
     the first token that is not the suppressed EOS every time, so its measures are known by hand."""
     from tunelab.eval.generation import generation_quality
-    from tunelab.models import eos_id
+    from tunelab.tokenizers import eos_id
 
     _, tok = tiny
     torch.manual_seed(0)

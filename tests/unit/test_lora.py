@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tunelab import models
+from tunelab import models, paths, tokenizers
 from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.export import export_model
 from tunelab.runs import weight_files_sha256
@@ -30,7 +30,7 @@ LLAMA_LINEAR = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj
 def tokenizer():
     rng = random.Random(0)
     texts = [" ".join(rng.choice(_WORDS) for _ in range(60)) + "." for _ in range(80)]
-    return models.train_tokenizer(texts, vocab_size=300)
+    return tokenizers.train_tokenizer(texts, vocab_size=300)
 
 
 def save_base(path: Path, preset: str, tokenizer, seed: int = 0) -> Path:
@@ -225,12 +225,12 @@ def test_save_final_is_a_plain_peft_adapter(trained, base_dir):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
     torch.testing.assert_close(logits(peft_model, trained.batch), trained.logits, rtol=0, atol=1e-6)
     # And through tunelab's own loader, which every command uses.
-    assert models.is_adapter_dir(final) and not models.is_adapter_dir(base_dir)
+    assert paths.is_adapter_dir(final) and not paths.is_adapter_dir(base_dir)
     loaded = models.load_model(str(final))
     assert not loaded.training
     torch.testing.assert_close(logits(loaded, trained.batch), trained.logits, rtol=0, atol=1e-6)
     assert models.max_positions(loaded) == 2048 and not models.is_encoder(loaded)
-    models.check_pair(loaded, models.load_tokenizer(str(final)), 32)
+    models.check_pair(loaded, tokenizers.load_tokenizer(str(final)), 32)
     merged = models.load_model(str(final), merge=True)
     assert type(merged).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(logits(merged, trained.batch), trained.logits, rtol=0, atol=1e-4)
@@ -322,12 +322,12 @@ def test_an_adapter_on_an_adapter(trained, tokenizer, tmp_path):
 
 
 def test_load_tokenizer_of_an_adapter(trained, base_dir, tmp_path):
-    assert len(models.load_tokenizer(str(trained.final))) == 300
+    assert len(tokenizers.load_tokenizer(str(trained.final))) == 300
     bare = tmp_path / "bare"  # a PEFT adapter without a tokenizer: its base's
     bare.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(trained.final / name, bare / name)
-    assert len(models.load_tokenizer(str(bare))) == 300
+    assert len(tokenizers.load_tokenizer(str(bare))) == 300
 
 
 def test_eval_and_generate_accept_an_adapter_dir(trained, corpus_dir, tmp_path):

@@ -24,7 +24,7 @@ import tunelab.methods
 import tunelab.objectives
 import tunelab.train.loop
 from conftest import pairs_file, run_and_sigkill, run_cli, write_corpus
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.config import load_recipe
 from tunelab.runs import read_metrics, train_losses
 from tunelab.stages import run_stage
@@ -59,7 +59,7 @@ def corpus(tmp_path_factory) -> Path:
 def save_base(path: Path, corpus: Path, preset: str, **overrides) -> Path:
     """A tiny trained-looking model + tokenizer on disk: what a finetune's model.path points at."""
     texts = [p.read_text() for p in sorted(corpus.rglob("*.txt"))]
-    tok = models.train_tokenizer(texts, vocab_size=384)
+    tok = tokenizers.train_tokenizer(texts, vocab_size=384)
     torch.manual_seed(0)
     model = models.build_model(preset, tok, overrides)
     with torch.no_grad():  # off the init, so a method that re-initialises something would show
@@ -173,7 +173,7 @@ def test_method_trains_only_its_parameters_and_saves_what_it_trained(tmp_path, c
         assert n_trainable < 0.5 * sum(p.numel() for p in after.values())
 
     # final/ through save_final, loaded the way every tunelab command loads a model (or adapter).
-    tok = models.load_tokenizer(str(run / "final"))
+    tok = tokenizers.load_tokenizer(str(run / "final"))
     ids = torch.tensor([tok("the model data token train loss step layer weight")["input_ids"]])
     reloaded = models.load_model(str(run / "final"))
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
@@ -247,7 +247,7 @@ def test_method_under_a_memory_option_trains_the_same_or_is_refused(tmp_path, co
     assert sorted(got) == [1, 2, 3]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (method, objective, step)
-    tok = models.load_tokenizer(str(with_option / "final"))
+    tok = tokenizers.load_tokenizer(str(with_option / "final"))
     ids = torch.tensor([tok("the model data token train loss step layer weight")["input_ids"]])
     # MeZO's step is (L+ - L-) / 2 eps: the chunked loss's other summation order (~1e-7) comes out x 500. A
     # preference loss compares two replies' summed log-probs through a sigmoid, and the other summation order

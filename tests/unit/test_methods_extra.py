@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 
 from conftest import REPO, write_corpus
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.config import load_recipe
 from tunelab.errors import ConfigError, ModelError
 from tunelab.methods import create_method
@@ -42,7 +42,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(corpus):
-    return models.train_tokenizer([p.read_text() for p in sorted(corpus.rglob("*.txt"))], vocab_size=384)
+    return tokenizers.train_tokenizer([p.read_text() for p in sorted(corpus.rglob("*.txt"))], vocab_size=384)
 
 
 def tiny_model(tokenizer, seed: int = 0):
@@ -301,7 +301,7 @@ def test_sparse_delta_reapplied_to_the_base_reproduces_the_tuned_model_exactly(t
     for (name, a), b in zip(rebuilt.state_dict().items(), tuned.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(ModelError, match="trained from other base weights"):
-        apply_sparse_delta(tiny_model(models.load_tokenizer(str(base_dir)), seed=9), run / "final")
+        apply_sparse_delta(tiny_model(tokenizers.load_tokenizer(str(base_dir)), seed=9), run / "final")
 
 
 def test_sparse_selection_exact_budget_and_rewound_data(tmp_path, corpus, base_dir, tokenizer):

@@ -14,7 +14,8 @@ from tunelab.config import TrainConfig
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS, create_method, method_class
 from tunelab.methods.base import Method, MethodContext
-from tunelab.models import build_model, train_tokenizer
+from tunelab.models import build_model
+from tunelab.tokenizers import train_tokenizer
 from tunelab.train.objectives import add_labels, count_targets, fixed_mlm_labeler, sequence_seed
 from tunelab.train.optim import build_optimizer, param_groups
 

@@ -11,8 +11,8 @@ import torch
 
 from tunelab.errors import ModelError
 from tunelab.eval.perplexity import token_byte_lengths, window_indices
-from tunelab.models import (PRESETS, SPECIAL_TOKENS, build_model, check_pair, count_params, enable_gradient_checkpointing,
-                            eos_id, load_model, train_tokenizer)
+from tunelab.models import PRESETS, build_model, check_pair, count_params, enable_gradient_checkpointing, load_model
+from tunelab.tokenizers import SPECIAL_TOKENS, eos_id, train_tokenizer
 
 _WORDS = ("the model data token train loss step layer weight value cache file text domain batch "
           "café naïve über straße données 日本語 ✓ résumé").split()

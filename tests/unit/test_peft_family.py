@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.errors import ConfigError, ModelError
 from tunelab.export import export_model
 from tunelab.methods import create_method
@@ -50,7 +50,7 @@ def one_thread():
 def tokenizer():
     rng = random.Random(0)
     texts = [" ".join(rng.choice(_WORDS) for _ in range(60)) + "." for _ in range(80)]
-    return models.train_tokenizer(texts, vocab_size=300)
+    return tokenizers.train_tokenizer(texts, vocab_size=300)
 
 
 def save_base(path: Path, preset: str, tokenizer, seed: int = 0) -> Path:

@@ -73,14 +73,14 @@ def test_generate_passes_pad_id_zero(tmp_path, monkeypatch):
     """`pad_token_id or eos` would turn a real pad id 0 into the EOS id."""
     import random
 
-    from tunelab import evaluate, models
+    from tunelab import evaluate, models, tokenizers
 
     rng = random.Random(0)
     texts = [" ".join(rng.choice("alpha beta gamma delta".split()) for _ in range(40)) for _ in range(20)]
-    tok = models.train_tokenizer(texts, vocab_size=300)
-    assert tok.convert_tokens_to_ids(models.SPECIAL_TOKENS["eos_token"]) == 0  # specials come first
-    tok.pad_token = models.SPECIAL_TOKENS["eos_token"]  # pad id 0 ...
-    tok.eos_token = models.SPECIAL_TOKENS["mask_token"]  # ... and a different EOS, which `or` would pick
+    tok = tokenizers.train_tokenizer(texts, vocab_size=300)
+    assert tok.convert_tokens_to_ids(tokenizers.SPECIAL_TOKENS["eos_token"]) == 0  # specials come first
+    tok.pad_token = tokenizers.SPECIAL_TOKENS["eos_token"]  # pad id 0 ...
+    tok.eos_token = tokenizers.SPECIAL_TOKENS["mask_token"]  # ... and a different EOS, which `or` would pick
     assert tok.pad_token_id == 0 and tok.eos_token_id != 0
     torch.manual_seed(0)
     model = models.build_model("llama-micro", tok)

@@ -262,10 +262,10 @@ def test_the_lora_reference_is_the_base_models_log_probs():
 
 def base_and_pairs(tmp_path):
     from conftest import pairs_file, write_corpus
-    from tunelab import models
+    from tunelab import models, tokenizers
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=20, seed=4)
-    tok = models.train_tokenizer([p.read_text() for p in sorted(corpus.rglob("*.txt"))], vocab_size=384)
+    tok = tokenizers.train_tokenizer([p.read_text() for p in sorted(corpus.rglob("*.txt"))], vocab_size=384)
     torch.manual_seed(0)
     model = models.build_model("llama-micro", tok)
     model.save_pretrained(tmp_path / "base")

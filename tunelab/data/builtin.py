@@ -25,6 +25,7 @@ import sysconfig
 import tempfile
 import tokenize
 from pathlib import Path
+from typing import Iterator
 
 from tunelab.errors import DataError
 
@@ -245,3 +246,25 @@ def module_name(rel: Path) -> str | None:
     if not parts or parts[0] in SKIP_PACKAGES or any(p.startswith("_") for p in parts):
         return None
     return ".".join(parts)
+
+
+def public_definitions(root: Path, files: list[Path]) -> Iterator[tuple[str, ast.FunctionDef, ast.ClassDef | None]]:
+    """(module, function node, its class or None) of every public module-level function and every public
+    method of a public module-level class, in file order: what the built-in instruction data
+    (data/instruct.py) and multiple-choice task (eval/builtin_tasks.py) ask about. Test files, private
+    modules and files that do not parse are skipped."""
+    for rel in files:
+        module = module_name(rel)
+        if module is None or is_test_file(rel):
+            continue
+        try:
+            tree = ast.parse((root / rel).read_bytes())
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue  # deliberately broken files (lib2to3 test data) define nothing to ask about
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                yield module, node, None
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef) and not item.name.startswith("_"):
+                        yield module, item, node

@@ -14,16 +14,17 @@ only), each of which is its content plus the template's end-of-turn text, so the
 stop. The segments are tokenized one by one (data/encode.py), so a mask is exact to the token: a
 BPE merge never crosses a boundary between what is trained on and what is not.
 
-The template is the tokenizer's own `chat_template` when it has one, else BUILTIN_TEMPLATE:
+The template is the tokenizer's own `chat_template` when it has one, else tunelab.tokenizers.BUILTIN_TEMPLATE:
 
     <|system|>\\n{system}\\n<|user|>\\n{question}\\n<|assistant|>\\n{answer}<|endoftext|><|user|>\\n...
 
 where <|endoftext|> is the tokenizer's EOS token. The role markers are plain text: a tokenizer that
 lacks them as tokens spells them in a few ordinary tokens, so no token is added and no embedding
 row is resized (a new row would start untrained, and stay frozen under LoRA). The only special token
-the template needs is EOS, which every tunelab tokenizer has. A training run saves the template it
-used with the tokenizer (tokenizer_config.json), so `tunelab chat`, and transformers'
-`apply_chat_template`, render conversations exactly as training did.
+the template needs is EOS, which every tunelab tokenizer has. Rendering makes the template the
+tokenizer's own (tokenizers.adopt_chat_template), so every run that renders chats, whatever its method or
+objective, saves the template it used with the tokenizer (chat_template.jinja): `tunelab chat`, and
+transformers' `apply_chat_template`, render conversations exactly as training did.
 
 Segments are cut where the template's own output says an assistant turn starts and ends: for turn
 i, the rendering of messages[:i] with the generation prompt ends where the reply starts, and the
@@ -46,18 +47,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from tunelab.errors import DataError
+from tunelab.tokenizers import adopt_chat_template, closing_tokens, encoder, special_tokens
 
 ROLES = ("system", "user", "assistant")
 # Bump when rendering changes (segment cuts, stripping), so token caches made by older code are not reused.
 CHAT_VERSION = 1
-
-BUILTIN_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|' + message['role'] + '|>\\n' + message['content'] }}"
-    "{%- if message['role'] == 'assistant' %}{{- eos_token }}{%- else %}{{- '\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
-)
 
 # Row fields a chat reader looks at (parquet and HF datasets read only these columns).
 CHAT_FIELDS = ("messages", "system", "prompt", "response", "completion", "instruction", "input", "output")
@@ -212,15 +206,9 @@ class ChatRenderer:
     """Render conversations with a tokenizer's chat template (or the built-in one) into segments."""
 
     def __init__(self, tokenizer, where: str = "chat"):
-        template = getattr(tokenizer, "chat_template", None)
-        if isinstance(template, dict):  # several named templates: the default one
-            template = template.get("default")
         self.tokenizer = tokenizer
         self.where = where
-        self.builtin = not template
-        self.template = template or BUILTIN_TEMPLATE
-        from tunelab.data.encode import special_tokens
-
+        self.template, self.builtin = adopt_chat_template(tokenizer)  # builtin: it had none, now has ours
         prefix, suffix = special_tokens(tokenizer)
         bos, eos = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "eos_token", None)
         bos_id = getattr(tokenizer, "bos_token_id", None)
@@ -286,8 +274,6 @@ def encode_segments(tokenizer, segments: list[tuple[str, bool]], close: bool = T
     """(ids, mask) of one document of segments, exactly as the token cache writes it: the tokenizer's own
     prefix, each segment tokenized on its own, and (close=True) the closing tokens with the last segment's
     loss. close=False: a prompt to generate from."""
-    from tunelab.data.encode import closing_tokens, encoder, special_tokens
-
     eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
     prefix, suffix = special_tokens(tokenizer)
     encode = encoder(tokenizer)

@@ -2,11 +2,9 @@
 
 Every piece (tunelab.data.split) becomes one packed document:
     prefix + ids + closing
-prefix and suffix are the special tokens the tokenizer itself puts around a text (compare
-tokenizer("x") with and without add_special_tokens): a Llama BOS before, BERT's [CLS] before and
-[SEP] after. closing is the suffix when the tokenizer has one, else [eos_id]; a suffix that does not
-end with eos_id gets it appended, since packing finds document ends by eos_id. Our own trained
-byte-level BPE adds nothing: prefix [], closing [eos_id].
+prefix and suffix are the special tokens the tokenizer itself puts around a text, and closing the suffix
+ending with eos_id (tunelab.tokenizers: special_tokens, closing_tokens). Our own trained byte-level BPE
+adds nothing: prefix [], closing [eos_id].
 
 A segmented document is tokenized segment by segment and the ids concatenated. For a source with
 any segment whose loss is false, a uint8 mask runs alongside the tokens (1 = a training target):
@@ -20,11 +18,9 @@ template's end of turn) and EOS cannot mark where examples begin.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -41,61 +37,6 @@ PIECE_CHARS = 32_000
 # Candidate cuts: a newline with text right before and after it. Byte-level BPE pre-tokenizers glue
 # a newline to neighbouring whitespace (indentation, blank lines), where a cut would change the tokens.
 _LINE_BEFORE_TEXT = re.compile(r"(?<=\S)\n(?=\S)")
-
-
-# ---------------------------------------------------------------- the tokenizer
-
-
-def _raw_backend(tokenizer):
-    """The Rust tokenizer with truncation and padding off (copied if the caller left them on)."""
-    backend = tokenizer.backend_tokenizer
-    if backend.truncation is None and backend.padding is None:
-        return backend
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(backend.to_str())
-    backend.no_truncation()
-    backend.no_padding()
-    return backend
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    if getattr(tokenizer, "is_fast", False):
-        blob = _raw_backend(tokenizer).to_str()
-    else:
-        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
-    """texts -> ids, without special tokens."""
-    if getattr(tokenizer, "is_fast", False):
-        backend = _raw_backend(tokenizer)
-        # encode_batch_fast skips the character offsets we never use; same ids.
-        encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return lambda texts: [e.ids for e in encode_batch(texts, add_special_tokens=False)]
-    return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """(prefix, suffix): the ids the tokenizer itself adds before and after a text."""
-    if getattr(tokenizer, "is_fast", False):
-        backend = _raw_backend(tokenizer)  # no padding or truncation to blur the comparison
-        plain = backend.encode("x", add_special_tokens=False).ids
-        full = backend.encode("x", add_special_tokens=True).ids
-    else:
-        plain = tokenizer(["x"], add_special_tokens=False)["input_ids"][0]
-        full = tokenizer(["x"], add_special_tokens=True)["input_ids"][0]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return list(full[:start]), list(full[start + len(plain):])
-    return [], []  # the text's own ids are not in there: nothing we could tell apart safely
-
-
-def closing_tokens(suffix: list[int], eos_id: int) -> list[int]:
-    if not suffix:
-        return [int(eos_id)]
-    return suffix if suffix[-1] == eos_id else suffix + [int(eos_id)]
 
 
 def token_dtype(tokenizer, eos_id: int):

@@ -30,7 +30,7 @@ import os
 import random
 from pathlib import Path
 
-from tunelab.data.builtin import fingerprint, is_test_file, module_name, python_files, stdlib_root
+from tunelab.data.builtin import fingerprint, public_definitions, python_files, stdlib_root
 from tunelab.errors import DataError
 
 # Bump when the generation changes, so files made by older code are not reused.
@@ -76,29 +76,16 @@ def documented_callables(root: Path, files: list[Path]) -> list[tuple[str, str, 
     """(qualified name, kind (function | method), argument list, docstring summary) of every documented
     public function and public method of a public class, in file order; a name seen twice keeps its first."""
     found, seen = [], set()
-    for rel in files:
-        module = module_name(rel)
-        if module is None or is_test_file(rel):
+    for module, node, cls in public_definitions(root, files):
+        if cls is not None and _is_property(node):  # a property is read, not called
             continue
-        try:
-            tree = ast.parse((root / rel).read_bytes())
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            continue  # deliberately broken files define nothing to ask about
-        candidates = []
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-                candidates.append((f"{module}.{node.name}", "function", node, False))
-            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
-                candidates += [(f"{module}.{node.name}.{item.name}", "method", item, True) for item in node.body
-                               if isinstance(item, ast.FunctionDef) and not item.name.startswith("_")
-                               and not _is_property(item)]  # a property is read, not called
-        for name, kind, node, method in candidates:
-            text = summary(ast.get_docstring(node))
-            # Skip the empty, the tiny, and docstrings that only restate a signature ("f(x) -> y").
-            if name in seen or len(text) < 12 or text.startswith(f"{node.name}("):
-                continue
-            seen.add(name)
-            found.append((name, kind, _signature(node, method), text))
+        name = f"{module}.{cls.name}.{node.name}" if cls is not None else f"{module}.{node.name}"
+        text = summary(ast.get_docstring(node))
+        # Skip the empty, the tiny, and docstrings that only restate a signature ("f(x) -> y").
+        if name in seen or len(text) < 12 or text.startswith(f"{node.name}("):
+            continue
+        seen.add(name)
+        found.append((name, "function" if cls is None else "method", _signature(node, cls is not None), text))
     return found
 
 

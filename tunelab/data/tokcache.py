@@ -36,17 +36,17 @@ from typing import Callable
 import numpy as np
 
 from tunelab.config import SourceSpec
-from tunelab.data.chat import BUILTIN_TEMPLATE, Chat, ChatRenderer, PreferencePair
-from tunelab.data.encode import (SplitFile, closing_tokens, encoder, special_tokens, token_dtype,
-                                 tokenizer_fingerprint, write_pieces)
+from tunelab.data.chat import Chat, ChatRenderer, PreferencePair
+from tunelab.data.encode import SplitFile, token_dtype, write_pieces
 from tunelab.data.readers import Tally
 from tunelab.data.sources import (SourceIdentity, forget_source_index, iter_documents, log_read_warnings,
                                   source_identity)
 from tunelab.data.split import HeldOut, split_documents, split_pieces, whole_pieces
 from tunelab.errors import DataError
+from tunelab.tokenizers import BUILTIN_TEMPLATE, closing_tokens, encoder, special_tokens, tokenizer_fingerprint
 
 __all__ = ["FORMAT_VERSION", "TokenizedSource", "cache_key", "split_documents", "tokenize_source",
-           "tokenize_sources", "tokenizer_fingerprint"]
+           "tokenize_sources"]
 
 # 2: one held-out rule (units), the tokenizer's own special tokens around each piece, loss masks.
 FORMAT_VERSION = 2
@@ -209,7 +209,10 @@ def tokenize_source(spec: SourceSpec, tokenizer, eos_id: int, cache_dir: Path, e
     identity = source_identity(spec, cache_dir, log=_quiet)  # warnings: logged below, cached or not
     rendering = None
     if spec.format != "text":  # the template and what is a target change the tokens and masks
-        rendering = [ChatRenderer(tokenizer).identity, "preference" if spec.format == "preference" else spec.assistant_turns]
+        renderer = ChatRenderer(tokenizer)
+        if renderer.builtin:
+            log("chat data: the tokenizer has no chat template: using the built-in one (saved with the tokenizer)")
+        rendering = [renderer.identity, "preference" if spec.format == "preference" else spec.assistant_turns]
     key = cache_key(identity.content_hash, tokenizer, eos_id, eval_fraction, split, rendering)
     where = cache_dir / "tokens" / key
     entry = _load_entry(where)

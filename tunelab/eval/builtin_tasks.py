@@ -17,8 +17,9 @@ import os
 import random
 from pathlib import Path
 
-from tunelab.data.builtin import fingerprint, is_test_file, module_name, python_files, stdlib_root
+from tunelab.data.builtin import fingerprint, public_definitions, python_files, stdlib_root
 from tunelab.errors import DataError
+from tunelab.paths import resolve_cache_dir
 
 # Bump when the generation changes, so caches made by older code are not reused.
 TASK_VERSION = 1
@@ -31,21 +32,11 @@ def public_functions(root: Path, files: list[Path]) -> list[tuple[str, str, str,
     """(module, function, argument list, docstring summary) of every public module-level function with a
     docstring, in file order."""
     found = []
-    for rel in files:
-        module = module_name(rel)
-        if module is None or is_test_file(rel):
-            continue
-        try:
-            tree = ast.parse((root / rel).read_bytes())
-        except (SyntaxError, ValueError, RecursionError, MemoryError):
-            continue  # deliberately broken files (lib2to3 test data) define nothing to ask about
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(node)
-            summary = doc.strip().split("\n\n")[0].replace("\n", " ").strip() if doc else ""
-            if summary:
-                found.append((module, node.name, ast.unparse(node.args), " ".join(summary.split())[:200]))
+    for module, node, cls in public_definitions(root, files):
+        doc = ast.get_docstring(node) if cls is None else None
+        summary = doc.strip().split("\n\n")[0].replace("\n", " ").strip() if doc else ""
+        if summary:
+            found.append((module, node.name, ast.unparse(node.args), " ".join(summary.split())[:200]))
     return found
 
 
@@ -77,8 +68,6 @@ def builtin_task_file(name: str, cache_dir: Path | None = None, root: Path | Non
         raise DataError(f"--task: builtin:{name} is not a built-in task; use one of "
                         + ", ".join(f"builtin:{t}" for t in TASKS) + " or a JSONL file")
     if cache_dir is None:
-        from tunelab.stages.setup import resolve_cache_dir
-
         cache_dir = resolve_cache_dir()
     root = Path(root) if root is not None else stdlib_root()
     files = python_files(root)

@@ -141,9 +141,9 @@ def generation_quality(model, tokenizer, prompts: list[list[int]], max_new_token
     """
     import torch
 
-    from tunelab import models
+    from tunelab.tokenizers import eos_id
 
-    eos = models.eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     was_training = model.training
     model.eval()

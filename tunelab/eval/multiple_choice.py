@@ -110,11 +110,10 @@ def load_task(task: str, cache_dir: Path | None = None) -> tuple[str, str, list[
 def context_prefix(tokenizer) -> list[int]:
     """The tokens a document starts after in training: the tokenizer's own prefix, else the EOS that
     separates packed documents."""
-    from tunelab import models
-    from tunelab.data.encode import special_tokens
+    from tunelab.tokenizers import eos_id, special_tokens
 
     prefix, _ = special_tokens(tokenizer)
-    return list(prefix) or [models.eos_id(tokenizer)]
+    return list(prefix) or [eos_id(tokenizer)]
 
 
 def score_choices(model, tokenizer, examples: list[Example], batch_size: int = 16) -> list[list[dict]]:
@@ -131,12 +130,12 @@ def score_choices(model, tokenizer, examples: list[Example], batch_size: int = 1
     import torch
 
     from tunelab import models
-    from tunelab.data.encode import encoder
+    from tunelab.tokenizers import encoder, eos_id
 
     encode = encoder(tokenizer)
     prefix = context_prefix(tokenizer)
     limit = models.max_positions(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else models.eos_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
     contexts = encode([e.context for e in examples])
     requests = []  # (example index, choice index, ids, number of choice tokens)
     for i, (example, ctx) in enumerate(zip(examples, contexts)):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tunelab import lineage, models
 from tunelab.config import SourceSpec, _as_source_list, validate
-from tunelab.stages.setup import resolve_cache_dir
+from tunelab.paths import resolve_cache_dir
 
 DEFAULT_EVAL = ["builtin:prose", "builtin:code", "builtin:tests"]  # what an operation scores without a rule
 
@@ -47,7 +47,7 @@ def run_recipe(model_dir: str) -> dict | None:
 
 def load(model_dir: str, base: str | None = None) -> tuple:
     """(model, tokenizer) of a model or adapter directory."""
-    tokenizer = models.load_tokenizer(model_dir, "MODEL_DIR")
+    tokenizer = tokenizers.load_tokenizer(model_dir, "MODEL_DIR")
     return models.load_model(model_dir, field="MODEL_DIR", base=base), tokenizer
 
 
@@ -89,7 +89,7 @@ def evaluate_model(model_dir: str, sources: list[str], seq_len: int = 256, max_t
     seq_len = min(seq_len, models.max_positions(model) or seq_len)
     models.check_pair(model, tokenizer, seq_len)
     specs = source_specs(sources)
-    eos = models.eos_id(tokenizer)
+    eos = tokenizers.eos_id(tokenizer)
     objective = "mlm" if models.is_encoder(model) else "clm"
     label_fn = None
     if objective == "mlm":  # masked as the run trained: its mask probability and whole-word setting

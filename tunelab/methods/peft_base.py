@@ -258,7 +258,7 @@ class PeftMethod(Method):
     def save_final(self, model, tokenizer, out_dir: Path) -> None:
         import json
 
-        from tunelab.models import ADAPTER_INFO
+        from tunelab.paths import ADAPTER_INFO
 
         model = peft_model_of(model)
         model.peft_config["default"].base_model_name_or_path = self.base_path

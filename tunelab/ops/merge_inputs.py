@@ -36,12 +36,12 @@ def check_vocabularies(inputs: list[ModelInput]):
     """Every tokenizer maps the same ids to the same tokens; returns the first one."""
     from tunelab import models
 
-    tokenizers = [models.load_tokenizer(str(i.model_dir), i.label) for i in inputs]
+    tokenizers = [load_tokenizer(str(i.model_dir), i.label) for i in inputs]
     first, ref = inputs[0], tokenizers[0]
-    ref_print = models.tokenizer_fingerprint(ref)
+    ref_print = tokenizer_fingerprint(ref)
     ref_tokens = None
     for item, tok in zip(inputs[1:], tokenizers[1:]):
-        if models.tokenizer_fingerprint(tok) == ref_print:
+        if tokenizer_fingerprint(tok) == ref_print:
             continue
         ref_tokens = ref_tokens or ref.convert_ids_to_tokens(list(range(len(ref))))
         tokens = tok.convert_ids_to_tokens(list(range(len(tok))))

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab import lineage
+from tunelab import lineage, tokenizers
 from tunelab.errors import ModelError, RunDirError
 from tunelab.runs import staged_dir, weight_files_sha256
 
@@ -96,7 +96,7 @@ def materialize(item: ModelInput, work: Path, log=print, copy: bool = False, bas
         model = models.load_model(str(item.path), field=item.given)
     target = work / f"input-{item.label.replace('#', '-')}"
     model.save_pretrained(target, safe_serialization=True)
-    models.load_tokenizer(str(item.path), item.given).save_pretrained(target)
+    tokenizers.load_tokenizer(str(item.path), item.given).save_pretrained(target)
     del model
     item.model_dir = target
 
@@ -132,7 +132,7 @@ def parent_entry(item: ModelInput, **extra) -> dict:
 def tokenizer_entry(item: ModelInput, tokenizer) -> dict:
     from tunelab import models
 
-    return {"source": str(item.path.resolve()), "fingerprint": models.tokenizer_fingerprint(tokenizer)}
+    return {"source": str(item.path.resolve()), "fingerprint": tokenizers.tokenizer_fingerprint(tokenizer)}
 
 
 def write_records(staged: Path, stage: str, name: str, parents: list[dict], record_file: str | None = None,

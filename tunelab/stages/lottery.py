@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tunelab.config import PruneRecipe, apply_overrides, expand_shorthands, read_yaml, resolve_recipe_path, validate_recipe
 from tunelab.errors import ConfigError, ModelError
+from tunelab.paths import resolve_cache_dir
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "masks.safetensors")
 
@@ -48,6 +49,7 @@ def write_start(rewind_dir: Path, masks: dict, out: Path) -> None:
     from tunelab import models
     from tunelab.ops import prune
     from tunelab.runs import staged_dir
+    from tunelab.tokenizers import load_tokenizer
 
     if (out / prune.MASKS_FILE).is_file():
         shutil.rmtree(out)  # recomputed (deterministic): a resumed lottery never trusts a half-written start
@@ -55,7 +57,7 @@ def write_start(rewind_dir: Path, masks: dict, out: Path) -> None:
     prune.apply_masks(model, masks)
     with staged_dir(out) as staged:
         model.save_pretrained(staged, safe_serialization=True)
-        models.load_tokenizer(str(rewind_dir)).save_pretrained(staged)
+        load_tokenizer(str(rewind_dir)).save_pretrained(staged)
         prune.save_masks(masks, staged)
 
 
@@ -85,7 +87,7 @@ def run_lottery(cfg: PruneRecipe, out: Path, quiet: bool = False, log=print) -> 
     # a round whose key holds a finished run is kept, an interrupted one resumes from its checkpoint, and a
     # changed recipe sends the rounds it changes to fresh directories (round-1.<key8>), never over old ones.
     rounds = out / "rounds"
-    cache = setup.resolve_cache_dir(dense_cfg.data.cache_dir)
+    cache = resolve_cache_dir(dense_cfg.data.cache_dir)
     outside = dense_cfg.model.path if dense_cfg.model.path and Path(dense_cfg.model.path).is_dir() else None
     replay = dense_cfg.data.replay.sources if dense_cfg.data.replay else []
     init = plan_stage(rounds, "init", stage_key({

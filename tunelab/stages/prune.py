@@ -65,7 +65,8 @@ def calibration_sources(cfg: PruneRecipe, model_path: Path, log) -> list[tuple]:
     from tunelab.config import DataConfig, SourceSpec
     from tunelab.data import source_content_hash
     from tunelab.runs import ancestor_source_specs, trained_sources
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
+    from tunelab.tokenizers import eos_id
 
     if cfg.calibration.data is not None:
         specs = list(cfg.calibration.data)
@@ -88,11 +89,11 @@ def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, lo
     from tunelab import models
     from tunelab.data import tokenize_source
     from tunelab.eval.perplexity import window_indices
-    from tunelab.stages.setup import resolve_cache_dir
+    from tunelab.paths import resolve_cache_dir
 
     sources = calibration_sources(cfg, model_path, log)
     seq = min(cfg.calibration.seq_len, models.max_positions(model) or cfg.calibration.seq_len)
-    eos = models.eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     windows = []
     per_source = max(1, cfg.calibration.max_tokens // seq // len(sources))
     for spec, _, fraction in sources:
@@ -181,7 +182,7 @@ def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
     started = time.time()
     with operation.staged_output(out) as (staged, work):
         operation.materialize(item, work, log)  # an adapter: merged onto its base first
-        tokenizer = models.load_tokenizer(str(item.model_dir), "model")
+        tokenizer = tokenizers.load_tokenizer(str(item.model_dir), "model")
         torch.manual_seed(cfg.seed)
         model = models.load_model(str(item.model_dir), field="model")
         model.eval()

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import yaml
 
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.config import dump_config
 from tunelab.errors import RunDirError
 from tunelab.objectives import objective_class
 from tunelab.lineage import make as make_lineage, write as write_lineage
+from tunelab.paths import resolve_cache_dir
 from tunelab.runs import RunDir, atomic_write, environment, model_lineage, open_run_dir
 from tunelab.train import dist as distmod
 
@@ -54,14 +55,6 @@ def rank_seed(seed: int, rank: int) -> int:
     from tunelab.train.objectives import sequence_seed
 
     return seed if rank == 0 else sequence_seed(seed, rank) % 2**32
-
-
-def resolve_cache_dir(explicit: str | None = None) -> Path:
-    """data.cache_dir, else $TUNELAB_CACHE, else ~/.cache/tunelab: tokenized data and trained tokenizers."""
-    path = explicit or os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab"
-    path = Path(path).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # ---------------------------------------------------------------- processes, run directory, resume
@@ -247,25 +240,15 @@ def resolve_tokenizer(cfg, cache: Path, log=print, init: Init | None = None):
 
     init = init or resolve_init(cfg)
     if cfg.tokenizer.path:
-        return models.load_tokenizer(cfg.tokenizer.path)
+        return tokenizers.load_tokenizer(cfg.tokenizer.path)
     if init.trained:
-        return models.load_tokenizer(str(init.model_dir), "init_from" if cfg.init_from else "model.path")
+        return tokenizers.load_tokenizer(str(init.model_dir), "init_from" if cfg.init_from else "model.path")
     tc = cfg.tokenizer
     key = hashlib.sha256(repr(([source_content_hash(s, cache, log=log) for s in cfg.data.train],
                                tc.vocab_size, tc.min_frequency, tc.train_bytes, 1)).encode()).hexdigest()[:24]
-    where = cache / "tokenizers" / key
-    if (where / "tokenizer.json").is_file():
-        return models.load_tokenizer(str(where))
-    log(f"training a byte-level BPE tokenizer (vocab {tc.vocab_size}) on up to {tc.train_bytes / 1e6:.1f} MB")
-    tok = models.train_tokenizer(tokenizer_training_texts(cfg.data.train, cache, tc.train_bytes),
-                                 tc.vocab_size, tc.min_frequency)
-    tmp = where.with_name(f".tmp-{key}-{os.getpid()}")
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(where)
-    except OSError:  # another process (DDP rank) saved the same tokenizer first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return models.load_tokenizer(str(where))
+    return tokenizers.cached_tokenizer(cache / "tokenizers" / key,
+                                       lambda: tokenizer_training_texts(cfg.data.train, cache, tc.train_bytes),
+                                       tc.vocab_size, tc.min_frequency, log, f" on up to {tc.train_bytes / 1e6:.1f} MB")
 
 
 def initial_model(cfg, tokenizer, init: Init | None = None, log=print):
@@ -304,7 +287,7 @@ def lineage(cfg, tokenizer, data: TrainingData, base_sha256: str | None, init: I
     return make_lineage(
         cfg.kind, cfg.name, [parent],
         tokenizer={"source": cfg.tokenizer.path or (str(init.model_dir) if init.trained else "trained"),
-                   "fingerprint": models.tokenizer_fingerprint(tokenizer)},
+                   "fingerprint": tokenizers.tokenizer_fingerprint(tokenizer)},
         data=[trained(s, "train") for s in data.sources] + [trained(s, "replay") for s in data.replay_sources],
         eval_data=[describe(s) for s in data.eval_sources],
         method=cfg.method.model_dump(), objective=cfg.objective.model_dump())

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tunelab import models
+from tunelab import tokenizers
 from tunelab.errors import DataError
 from tunelab.stages.setup import Init, resolve_init
 
@@ -46,19 +46,11 @@ def ancestor_specs(model_dir: Path | None, log=print) -> list:
 
 def build_data(cfg, tokenizer, cache: Path, log=print, init: Init | None = None) -> TrainingData:
     from tunelab.data import source_content_hash, tokenize_source, tokenize_sources
-    from tunelab.data.chat import BUILTIN_TEMPLATE
     from tunelab.data.rows import ExampleRows, PairSet, packed_sequences
     from tunelab.runs import trained_sources
 
     init = init or resolve_init(cfg)
-    eos = models.eos_id(tokenizer)
-    replayed = cfg.data.replay.sources if cfg.data.replay is not None else []
-    chat = [s for s in cfg.data.train + cfg.data.eval + replayed if s.format == "chat"]
-    if chat and not getattr(tokenizer, "chat_template", None):
-        # Saved with the tokenizer (final/, checkpoints): `tunelab chat` and apply_chat_template then render
-        # conversations as this run's data was rendered (the same template: no template -> the built-in one).
-        tokenizer.chat_template = BUILTIN_TEMPLATE
-        log("chat data: the tokenizer has no chat template: using the built-in one (saved with the tokenizer)")
+    eos = tokenizers.eos_id(tokenizer)
     fraction = cfg.data.eval_fraction
     # Sources the starting model or its ancestors trained on (content hash -> the eval_fraction they held out).
     seen = trained_sources(init.model_dir) if init.trained else {}
@@ -175,7 +167,7 @@ def packed_batches(cfg, data: TrainingData, tokenizer, d, objective):
     tc = cfg.train
     if any(s.spec.format == "preference" for s in data.sources):  # the recipe checks refuse mixing them with text
         return PreferenceBatches(sets=data.sets, micro=tc.micro_batch_size, accum=tc.grad_accum,
-                                 pad_id=models.eos_id(tokenizer), rank=d.rank, world=d.world, seed=tc.seed)
+                                 pad_id=tokenizers.eos_id(tokenizer), rank=d.rank, world=d.world, seed=tc.seed)
     weights, phases = mixture_plan(cfg, data)
     mixture = Mixture([len(s) for s in data.sets], weights, tc.seed)
     return PackedBatches(sets=data.sets, mixture=mixture, objective=objective.labels, micro=tc.micro_batch_size,
@@ -198,11 +190,11 @@ def evaluator(cfg, data: TrainingData, tokenizer, device, objective) -> Callable
     def evaluate(model, step: int) -> dict:
         from tunelab.eval.preference import evaluate_pairs
 
-        pairs = {domain: evaluate_pairs(model, held, batch_size=tc.micro_batch_size, pad_id=models.eos_id(tokenizer),
+        pairs = {domain: evaluate_pairs(model, held, batch_size=tc.micro_batch_size, pad_id=tokenizers.eos_id(tokenizer),
                                         device=device, autocast_dtype=autocast_dtype(tc.precision),
                                         max_tokens=tc.eval_max_tokens, chunk_tokens=tc.loss_chunk_tokens)
                  for domain, held in data.eval_pairs.items()}
-        return pairs | {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=models.eos_id(tokenizer),
+        return pairs | {domain: evaluate_tokens(model, tokens, cfg.data.seq_len, eos_id=tokenizers.eos_id(tokenizer),
                                         document_mask=cfg.data.packing != "concat", byte_lengths=byte_lengths,
                                         max_tokens=tc.eval_max_tokens, batch_size=tc.micro_batch_size, device=device,
                                         autocast_dtype=autocast_dtype(tc.precision), objective=objective.labels or "clm",
