@@ -11,7 +11,6 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForC
 from tunelab.config import load_recipe
 from tunelab.errors import ConfigError, ModelError
 from tunelab.eval.preference import pair_logps, sequence_logps
-from tunelab.methods import create_method
 from tunelab.objectives import create_objective
 from tunelab.train.chunked_loss import check_reproduces_model_loss, chunked_lm_loss, chunked_sequence_logps
 

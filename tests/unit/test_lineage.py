@@ -5,7 +5,6 @@ merge with an adapter input, a prune, an export --merge of the adapter and a che
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

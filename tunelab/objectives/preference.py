@@ -33,7 +33,6 @@ logps_chosen / logps_rejected (summed log-probs).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -130,8 +130,6 @@ def parent_entry(item: ModelInput, **extra) -> dict:
 
 
 def tokenizer_entry(item: ModelInput, tokenizer) -> dict:
-    from tunelab import models
-
     return {"source": str(item.path.resolve()), "fingerprint": tokenizers.tokenizer_fingerprint(tokenizer)}
 
 
