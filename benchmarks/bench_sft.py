@@ -91,7 +91,7 @@ def instruct_rows(cache: Path) -> tuple[Path, list[dict]]:
 
 
 def tunelab_recipe(spec: dict, packing: str):
-    from tunelab.config import validate_recipe
+    from tunelab.recipe import validate_recipe
 
     s = SHARED
     return validate_recipe({

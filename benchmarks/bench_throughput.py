@@ -84,7 +84,7 @@ def recipe_dict(preset: str, steps: int, precision: str, compile_: bool) -> dict
 def load_cfg(spec: dict):
     import yaml
 
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
 
     path = Path(spec["workdir"]) / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe_dict(spec["preset"], spec["steps"], spec["precision"], spec["compile"])))

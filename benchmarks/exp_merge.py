@@ -52,7 +52,7 @@ MERGES = {  # name -> (method, weights, options)
 
 
 def train(out: Path, recipe: dict) -> Path:
-    from tunelab.config import validate_recipe
+    from tunelab.recipe import validate_recipe
     from tunelab.stages import run_stage
 
     if (out / "final" / "config.json").is_file():

@@ -101,7 +101,7 @@ def base_pair_metrics(base: Path) -> dict:
 
 
 def run_seed(seed: int, root: Path, k) -> dict:
-    from tunelab.config import validate_recipe
+    from tunelab.recipe import validate_recipe
     from tunelab.stages import run_stage
 
     where = root / f"seed-{seed}"

@@ -1,5 +1,5 @@
 # Entry point for `python -m tunelab` and `torchrun ... -m tunelab`.
-from tunelab.cli import main
+from tunelab.commands.cli import main
 
 if __name__ == "__main__":
     main()

@@ -263,7 +263,7 @@ def load_adapter(path, attn_implementation: str = "sdpa", field: str = "model.pa
 
     from peft import PeftModel
 
-    from tunelab.methods.peft_base import PEFT_LABELS, PROMPT_LEARNING, fit_for_tunelab
+    from tunelab.adapters import PEFT_LABELS, PROMPT_LEARNING, fit_for_tunelab
 
     peft_type = adapter_info(path).get("peft_type")
     if merge and peft_type in PROMPT_LEARNING:  # refused before the base is loaded

@@ -26,7 +26,7 @@ def average_checkpoints(run, out, last=None, steps=None, log=print) -> Path:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus_dir) -> Path:
     """9 steps of llama-micro, a checkpoint every 3 steps, all three kept."""
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.stages import run_stage
 
     root = tmp_path_factory.mktemp("average")
@@ -231,8 +231,8 @@ def test_checkpoints_of_different_models_are_refused(trained_run, tmp_path, chan
 def test_average_stage_in_a_pipeline_scores_before_and_after(trained_run, tmp_path):
     """`average: RECIPE` after a training stage (${base} is its final/: the run around it is averaged), scored on
     the run's held-out split, the same numbers `tunelab eval` gives."""
-    from tunelab.evaluate import evaluate_model
-    from tunelab.pipeline import run_pipeline
+    from tunelab.commands.evaluate import evaluate_model
+    from tunelab.commands.pipeline import run_pipeline
 
     recipe = yaml.safe_load((trained_run.parent / "r.yaml").read_text())
     recipe["train"]["max_steps"] = 6

@@ -39,7 +39,7 @@ def test_a_missing_data_path_fails_before_torch_is_imported(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"name": "r", "model": {"preset": "llama-micro"},
                                       "data": {"train": str(tmp_path / "nope.txt"), "eval": "builtin:code"}}))
-    code = ("import sys\nfrom tunelab.cli import main\n"
+    code = ("import sys\nfrom tunelab.commands.cli import main\n"
             f"sys.argv = ['tunelab', 'pretrain', {str(recipe)!r}, '--out', {str(tmp_path / 'run')!r}]\n"
             "try:\n    main()\nexcept SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -57,7 +57,7 @@ def _help(*command: str) -> str:
 def test_every_option_has_a_description_and_a_conventional_metavar():
     import typer
 
-    from tunelab.cli import app, conventional_metavars
+    from tunelab.commands.cli import app, conventional_metavars
 
     command = typer.main.get_command(app)
     conventional_metavars(command)

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_and_sigkill, run_cli, write_corpus
-from tunelab.config import load_recipe, validate_recipe
+from tunelab.recipe import load_recipe, validate_recipe
 from tunelab.runs import read_metrics, train_losses
 from tunelab.stages import run_stage
 
@@ -242,7 +242,7 @@ def _assert_matches(logged: dict, measured: dict) -> None:
 
 
 def test_logged_forgetting_equals_an_independent_eval(corpora, base, continued):
-    from tunelab.evaluate import evaluate_model
+    from tunelab.commands.evaluate import evaluate_model
 
     config = yaml.safe_load((continued / "config.yaml").read_text())
     assert config["data"]["eval"] == [] and config["data"]["eval_ancestors"] is True
@@ -396,7 +396,7 @@ def test_anneal_branch_equals_the_parents_wsd_decay_bit_for_bit(base):
 
 
 def test_anneal_recipe_starts_from_the_parents_lr_and_notes_a_decaying_branch_point(base):
-    from tunelab.anneal import anneal_recipe
+    from tunelab.commands.anneal import anneal_recipe
     from tunelab.config import ScheduleConfig
     from tunelab.train.schedules import lr_multiplier
 
@@ -414,7 +414,7 @@ def test_anneal_recipe_starts_from_the_parents_lr_and_notes_a_decaying_branch_po
 
 @pytest.mark.slow
 def test_anneal_resumes_exactly_after_sigkill(tmp_path, base):
-    from tunelab.anneal import run_anneal
+    from tunelab.commands.anneal import run_anneal
     from tunelab.train.schedules import DECAY_SHAPES
 
     n = 40
@@ -440,7 +440,7 @@ def test_anneal_resumes_exactly_after_sigkill(tmp_path, base):
 def test_a_branch_resumed_before_its_first_checkpoint_still_carries_its_state(tmp_path, base):
     """Killed before its first checkpoint, a resumed branch starts over from step 0: with the carried optimizer
     moments and data position again, not fresh ones."""
-    from tunelab.anneal import run_anneal
+    from tunelab.commands.anneal import run_anneal
 
     overrides = ["train.checkpoint_every=2"]
     reference = run_anneal(base, f"step-{BRANCH_AT}", DECAY, out=tmp_path / "ref", overrides=overrides, quiet=True)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 from tunelab import models, paths, tokenizers
-from tunelab.config import validate_recipe
+from tunelab.recipe import validate_recipe
 from tunelab.errors import ModelError
 from tunelab.objectives import objective_class
 from tunelab.runs import read_metrics
@@ -186,7 +186,7 @@ def test_dapt_minilm_on_code_lowers_the_mlm_loss(tmp_path):
     """The shipped dapt-encoder recipe, shortened: the real encoder adapts to code with whole-word masks,
     and `tunelab eval` of the result scores exactly what the run's own final evaluation scored."""
     needs_package()
-    from tunelab.evaluate import evaluate_model
+    from tunelab.commands.evaluate import evaluate_model
 
     out = tmp_path / "dapt"
     result = run_cli("pretrain", "dapt-encoder", "--out", str(out),  # not --quiet: the head line is a log line
@@ -223,7 +223,7 @@ def test_dapt_minilm_on_code_lowers_the_mlm_loss(tmp_path):
 def test_whole_word_masking_reaches_training_and_tunelab_eval(tmp_path, corpus_dir):
     """bert-tiny with whole_word_masking: `tunelab eval` reproduces the run's eval only with the run's own
     (whole-word) masks: with the flag turned off in the run's config.yaml it scores other masks."""
-    from tunelab.evaluate import evaluate_model
+    from tunelab.commands.evaluate import evaluate_model
 
     recipe = {"name": "wwm", "model": {"preset": "bert-tiny"},
               "tokenizer": {"vocab_size": 512, "train_bytes": 200_000},

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import run_cli, write_corpus
-from tunelab.config import validate_recipe
+from tunelab.recipe import validate_recipe
 from tunelab.stages import run_stage
 
 SEQ = 32
@@ -78,7 +78,7 @@ def task_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def suite(runs, corpora, task_file) -> dict:
-    from tunelab.evaluate import evaluate_suite
+    from tunelab.commands.evaluate import evaluate_suite
 
     return evaluate_suite([str(runs["cont"] / "final")], [str(corpora["prose"]), str(corpora["notes"])],
                           tasks=[str(task_file), "builtin:stdlib-module"], generation=GEN,
@@ -89,7 +89,7 @@ def suite(runs, corpora, task_file) -> dict:
 
 
 def test_deltas_equal_the_difference_of_independent_evals(runs, corpora, suite):
-    from tunelab.evaluate import evaluate_model
+    from tunelab.commands.evaluate import evaluate_model
 
     sources = [str(corpora["prose"]), str(corpora["notes"])]
     # Scored alone, with the held-out split forced: the suite scores both on what either trained on.
@@ -144,7 +144,7 @@ def test_generation_measures_for_every_model_and_domain(suite):
 
 
 def test_cli_json_equals_the_in_process_result_and_the_table_prints(runs, corpora, task_file, suite, capsys):
-    from tunelab.evaluate import render_suite
+    from tunelab.commands.evaluate import render_suite
 
     result = run_cli("eval", str(runs["cont"] / "final"), "--relative-to", str(runs["base"] / "final"),
                      "--data", str(corpora["prose"]), "--data", str(corpora["notes"]), "--task", str(task_file),
@@ -159,7 +159,7 @@ def test_cli_json_equals_the_in_process_result_and_the_table_prints(runs, corpor
 
 
 def test_bad_task_file_is_a_one_line_error(runs, tmp_path, monkeypatch, capsys):
-    from tunelab.cli import main
+    from tunelab.commands.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"context": "x", "choices": [" a", " b"], "answer": 0}) + "\n"
@@ -174,7 +174,7 @@ def test_bad_task_file_is_a_one_line_error(runs, tmp_path, monkeypatch, capsys):
 
 def test_other_bad_inputs_are_one_line_errors(runs, tmp_path):
     from tunelab.errors import TunelabError
-    from tunelab.evaluate import evaluate_suite
+    from tunelab.commands.evaluate import evaluate_suite
 
     final = str(runs["base"] / "final")
     for kwargs, words in ((dict(tasks=["builtin:nope"]), "builtin:nope is not a built-in task"),

@@ -56,7 +56,7 @@ def causal_recipe(name: str, model_dir: Path, corpus: Path, **extra) -> dict:
 
 def cli(*args) -> tuple[int, str]:
     """`tunelab ARGS` in this process (a subprocess costs seconds of imports): exit code and stderr."""
-    from tunelab import cli as tunelab_cli
+    from tunelab.commands import cli as tunelab_cli
 
     stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
     sys.argv = ["tunelab", *map(str, args)]

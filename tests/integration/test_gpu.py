@@ -29,7 +29,7 @@ def recipe(tmp_path, **train) -> str:
 
 @cuda
 def test_cuda_bf16_compile_follow_fp32(tmp_path):
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.stages import run_stage
 
     path = recipe(tmp_path)
@@ -43,7 +43,7 @@ def test_cuda_bf16_compile_follow_fp32(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for DDP under nccl")
 def test_ddp_nccl_matches_one_process(tmp_path):
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.stages import run_stage
 
     path = recipe(tmp_path, precision="fp32")

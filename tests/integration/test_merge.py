@@ -24,7 +24,7 @@ QUIET = {"log": lambda *a: None}
 
 
 def _train(root: Path, name: str, recipe: dict) -> Path:
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.stages import run_stage
 
     (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
@@ -118,7 +118,7 @@ def test_ties_merge_is_a_plain_hf_model_with_lineage_and_an_eval_table(family, t
     assert "vs best parent" in text and f"{table['worst_domain']} *" in text and "peak RSS during the merge" in text
 
     # The merge's lineage leads `tunelab eval` to its parents' held-out text: the very numbers of the table.
-    from tunelab.evaluate import evaluate_model
+    from tunelab.commands.evaluate import evaluate_model
 
     for model, column in ((out, "merge"), (finals["a"], "a")):
         scores = evaluate_model(str(model), [family["A"]], seq_len=32, max_tokens=256, log=lambda *a: None)
@@ -216,7 +216,7 @@ def oddballs(family):
 
 def _main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """`tunelab ARGS` in this process (a subprocess per case would cost ~5 s of imports each)."""
-    from tunelab import cli
+    from tunelab.commands import cli
 
     monkeypatch.setattr(sys, "argv", ["tunelab", *map(str, args)])
     try:
@@ -292,7 +292,7 @@ def test_shipped_merge_recipe_at_toy_scale(family, tmp_path, recipe):
 
 
 def test_pipeline_merge_stage_substitutes_stages_and_skips_when_done(family, tmp_path):
-    from tunelab.pipeline import run_pipeline
+    from tunelab.commands.pipeline import run_pipeline
 
     train = {"model": {"preset": "llama-micro"}, "tokenizer": {"path": str(family["base"] / "final")},
              "data": {"train": family["A"], "seq_len": 32},

@@ -17,7 +17,7 @@ from conftest import run_cli, write_corpus
 from tunelab.config import SourceSpec
 from tunelab.data.artifact import read_manifest, write_dataset
 from tunelab.errors import ConfigError
-from tunelab.pipeline import run_pipeline
+from tunelab.commands.pipeline import run_pipeline
 
 
 def write_pipeline(tmp: Path, corpus: Path, base_set: dict | None = None) -> Path:

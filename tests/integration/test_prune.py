@@ -32,7 +32,7 @@ def _write(path: Path, data: dict) -> Path:
 
 
 def _train(recipe: Path, out: Path, quiet: bool = True) -> Path:
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.stages import run_stage
 
     return run_stage(load_recipe(str(recipe)), out=out, quiet=quiet)
@@ -55,7 +55,7 @@ def _cli(*args) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from tunelab import cli
+    from tunelab.commands import cli
 
     stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
     sys.argv = ["tunelab", *map(str, args)]
@@ -168,7 +168,7 @@ def test_cli_magnitude_prune_is_a_plain_hf_model_with_exact_sparsity(base, magni
     assert "tokens/s" not in stderr
     masks = _check_pruned_dir(out, base["final"], 0.5, "magnitude")
     # `tunelab eval` scores the same text: the parent's and the pruned model's loss are the table's.
-    from tunelab.evaluate import evaluate_model
+    from tunelab.commands.evaluate import evaluate_model
 
     scores = json.loads((out / "prune.json").read_text())["eval"]
     for model, when in ((base["final"], "before"), (out, "after")):
@@ -473,7 +473,7 @@ def test_shipped_prune_recipe_at_toy_scale(base, tmp_path, recipe):
 
 
 def test_pipeline_prunes_then_recovers_with_the_sparsity_kept(base, tmp_path):
-    from tunelab.pipeline import run_pipeline
+    from tunelab.commands.pipeline import run_pipeline
 
     _write(tmp_path / "tiny.yaml", {"model": {"preset": "llama-micro"}, "tokenizer": {"path": str(base["final"])},
                                     "data": {"train": str(base["corpus"]), "seq_len": 32},

@@ -163,7 +163,7 @@ def test_eval_and_generate_cli(toy_base, corpus_dir):
 
 
 def test_every_shipped_prune_recipe_validates():
-    from tunelab.config import validate_recipe
+    from tunelab.recipe import validate_recipe
     from tunelab.stages.prune import PRUNE_RECIPES_DIR, load_prune_recipe
 
     names = sorted(p.stem for p in PRUNE_RECIPES_DIR.glob("*.yaml"))

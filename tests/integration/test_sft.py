@@ -15,7 +15,7 @@ from tunelab.runs import read_metrics
 
 def cli(monkeypatch, capsys, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
     """`tunelab ARGS` in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    from tunelab.cli import main
+    from tunelab.commands.cli import main
 
     monkeypatch.setattr(sys, "argv", ["tunelab", *args])
     if stdin is not None:
@@ -50,7 +50,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_run(base):
-    from tunelab.config import validate_recipe
+    from tunelab.recipe import validate_recipe
     from tunelab.stages import run_stage
 
     cfg = validate_recipe({

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import tunelab.objectives
 from conftest import make_document, run_and_sigkill, run_cli, write_corpus
 from tunelab import tokenizers
-from tunelab.config import validate_recipe
+from tunelab.recipe import validate_recipe
 from tunelab.errors import RunDirError, TunelabError
 from tunelab.paths import resolve_cache_dir
 from tunelab.methods.base import lm_loss
@@ -333,7 +333,7 @@ def test_eval_only_source_is_scored_whole_and_training_source_on_its_split(tmp_p
 def test_a_source_an_ancestor_trained_on_stays_held_out(tmp_path, corpus):
     """Continued training on new data scores the old domain on its held-out split (never on text the
     base trained on), and `tunelab eval` follows the same rule through lineage; --split forces either."""
-    from tunelab.evaluate import evaluate_model
+    from tunelab.commands.evaluate import evaluate_model
 
     rng = random.Random(3)
     other = tmp_path / "other"
@@ -378,7 +378,7 @@ def test_a_source_an_ancestor_trained_on_stays_held_out(tmp_path, corpus):
 def test_tunelab_eval_reproduces_training_eval_for_mlm_and_masked_sources(tmp_path, corpus, masked_jsonl):
     """`tunelab eval` scores exactly what training-time evaluation scored: the run's own MLM mask
     probability with masks keyed on each window (not the batch), and loss masks from the cache."""
-    from tunelab.evaluate import evaluate_model
+    from tunelab.commands.evaluate import evaluate_model
 
     mlm = recipe_dict(corpus, max_steps=3, micro_batch_size=3, eval_max_tokens=6 * SEQ, checkpoint_every=0)
     mlm["model"], mlm["objective"] = {"preset": "bert-tiny"}, {"options": {"mlm_probability": 0.3}}
@@ -426,7 +426,7 @@ def dropout_recipe(path: Path, corpus: Path, **train) -> Path:
 
 def test_dropout_run_resumes_exactly_from_a_checkpoint(tmp_path, corpus):
     # In process: a copy of the run as it was at step-4 continues with the same dropout masks.
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
 
     recipe_path = dropout_recipe(tmp_path / "r.yaml", corpus)
     run = run_stage(load_recipe(recipe_path), out=tmp_path / "run", quiet=True)
@@ -445,7 +445,7 @@ def test_dropout_run_resumes_exactly_from_a_checkpoint(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_dropout_run_killed_and_resumed_is_exact(tmp_path, corpus):
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
 
     steps = 24
     recipe_path = dropout_recipe(tmp_path / "r.yaml", corpus, max_steps=steps, checkpoint_every=3)

@@ -35,7 +35,7 @@ def test_run_directory_and_hf_reload(tmp_path, corpus_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab import models
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.stages import run_stage
 
     cfg = load_recipe(tiny_recipe(tmp_path / "r.yaml", corpus_dir))

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab import models, tokenizers
-from tunelab.analyze import analyze, effective_rank, intruder_dimensions, tensor_stats
+from tunelab.commands.analyze import analyze, effective_rank, intruder_dimensions, tensor_stats
 from tunelab.errors import ModelError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -210,7 +210,7 @@ def pair(tmp_path_factory):
 
 def cli(monkeypatch, capsys, *args: str):
     """`tunelab ...` in this process (main(): typer parsing, one-line errors, exit codes): (code, out, err)."""
-    from tunelab import cli as tunelab_cli
+    from tunelab.commands import cli as tunelab_cli
 
     monkeypatch.setattr(sys, "argv", ["tunelab", *args])
     code = 0

@@ -171,7 +171,7 @@ def test_bad_rows_are_one_line_errors_with_file_and_line(tmp_path, row, message)
 
 
 def test_chat_sources_read_tables_only_and_are_for_causal_lms(tmp_path):
-    from tunelab.config import validate_recipe
+    from tunelab.recipe import validate_recipe
 
     (tmp_path / "folder").mkdir()
     write_jsonl(tmp_path / "folder" / "a.jsonl", [{"prompt": "p", "response": "r"}])

@@ -8,7 +8,7 @@ import torch
 import yaml
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from tunelab.config import load_recipe
+from tunelab.recipe import load_recipe
 from tunelab.errors import ConfigError, ModelError
 from tunelab.eval.preference import pair_logps, sequence_logps
 from tunelab.objectives import create_objective

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.config import (RECIPE_KINDS, RECIPES_DIR, FinetuneRecipe, MergeRecipe, PretrainRecipe, RecipeConfig, ScheduleConfig, SourceSpec,
-                            apply_overrides, dump_config, load_recipe, parse_override, read_yaml, resolve_recipe_path,
-                            validate, validate_recipe)
+from tunelab.config import (RECIPE_KINDS, RECIPES_DIR, FinetuneRecipe, MergeRecipe, PretrainRecipe, RecipeConfig, ScheduleConfig, SourceSpec, apply_overrides, dump_config, parse_override, read_yaml, resolve_recipe_path, validate)
+from tunelab.recipe import load_recipe, validate_recipe
 from tunelab.errors import ConfigError, TunelabError
 
 SHIPPED = sorted(RECIPES_DIR.glob("*.yaml"))

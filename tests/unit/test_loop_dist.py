@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from conftest import write_corpus
-from tunelab.config import load_recipe
+from tunelab.recipe import load_recipe
 from tunelab.train import dist as distmod
 
 

@@ -15,7 +15,7 @@ import torch
 
 from tunelab import models, paths, tokenizers
 from tunelab.errors import ConfigError, ModelError, TunelabError
-from tunelab.export import export_model
+from tunelab.commands.export import export_model
 from tunelab.runs import weight_files_sha256
 from tunelab.methods import create_method
 from tunelab.methods.base import MethodContext, lm_loss
@@ -331,7 +331,7 @@ def test_load_tokenizer_of_an_adapter(trained, base_dir, tmp_path):
 
 
 def test_eval_and_generate_accept_an_adapter_dir(trained, corpus_dir, tmp_path):
-    from tunelab.evaluate import evaluate_model, generate_text
+    from tunelab.commands.evaluate import evaluate_model, generate_text
 
     quiet = dict(seq_len=32, max_tokens=512, log=lambda *a: None)
     got = evaluate_model(str(trained.final), [str(corpus_dir)], **quiet)

@@ -25,7 +25,7 @@ import tunelab.objectives
 import tunelab.train.loop
 from conftest import pairs_file, run_and_sigkill, run_cli, write_corpus
 from tunelab import models, tokenizers
-from tunelab.config import load_recipe
+from tunelab.recipe import load_recipe
 from tunelab.runs import read_metrics, train_losses
 from tunelab.stages import run_stage
 

@@ -138,7 +138,7 @@ def one_process(tmp_path: Path, corpus: Path, base: Path, method: str, name: str
     """The reference run, in this process (while the driver works on the methods before this one)."""
     import torch
 
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.stages import run_stage
 
     threads = torch.get_num_threads()
@@ -210,7 +210,7 @@ def drive(jobs_path: str, results_path: str) -> None:
 
     import torch.distributed as tdist
 
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.errors import TunelabError
     from tunelab.stages import run_stage
 

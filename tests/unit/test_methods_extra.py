@@ -23,7 +23,7 @@ import yaml
 
 from conftest import REPO, write_corpus
 from tunelab import models, tokenizers
-from tunelab.config import load_recipe
+from tunelab.recipe import load_recipe
 from tunelab.errors import ConfigError, ModelError
 from tunelab.methods import create_method
 from tunelab.methods.base import MethodContext

@@ -19,7 +19,7 @@ import yaml
 
 from tunelab import models, tokenizers
 from tunelab.errors import ConfigError, ModelError
-from tunelab.export import export_model
+from tunelab.commands.export import export_model
 from tunelab.methods import create_method
 from tunelab.methods.base import lm_loss
 from tunelab.methods.base import MethodContext

@@ -73,7 +73,8 @@ def test_generate_passes_pad_id_zero(tmp_path, monkeypatch):
     """`pad_token_id or eos` would turn a real pad id 0 into the EOS id."""
     import random
 
-    from tunelab import evaluate, models, tokenizers
+    from tunelab import models, tokenizers
+    from tunelab.commands import evaluate
 
     rng = random.Random(0)
     texts = [" ".join(rng.choice("alpha beta gamma delta".split()) for _ in range(40)) for _ in range(20)]

@@ -16,7 +16,8 @@ import torch
 from conftest import run_and_sigkill, run_cli
 from test_chat_data import ids, runs, write_jsonl
 from test_data_helpers import byte_level_tokenizer
-from tunelab.config import SourceSpec, load_recipe, validate_recipe
+from tunelab.config import SourceSpec
+from tunelab.recipe import load_recipe, validate_recipe
 from tunelab.data import tokenize_source
 from tunelab.data.chat import ChatRenderer, PreferencePair, encode_segments, pair_from_row
 from tunelab.data.rows import PairSet, collate_pairs

@@ -23,7 +23,7 @@ import tunelab.methods
 import tunelab.objectives
 from conftest import write_corpus
 from tunelab import models, tokenizers
-from tunelab.config import validate_recipe
+from tunelab.recipe import validate_recipe
 from tunelab.errors import RunDirError
 from tunelab.methods.base import AuxModel, Method, lm_loss
 from tunelab.objectives.base import Objective

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunelab.config import validate_recipe
+from tunelab.recipe import validate_recipe
 from tunelab.data import Mixture, PackedSequences
 from tunelab.stages.training_data import TrainingData, mixture_plan
 from tunelab.train.batches import PackedBatches

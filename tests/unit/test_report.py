@@ -324,7 +324,7 @@ def test_paths_follow_one_rule_and_an_eval_stage_links_the_model_its_eval_json_n
 
 
 def test_eval_record_names_the_model_scored(tmp_path):
-    from tunelab.evaluate import eval_record
+    from tunelab.commands.evaluate import eval_record
     from tunelab.runs import weight_files_sha256
 
     runs = make_lifecycle(tmp_path / "pipe")

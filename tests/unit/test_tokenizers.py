@@ -142,7 +142,7 @@ def test_a_dpo_run_saves_the_template_it_trained_with(tmp_path):
     from test_preference import base_and_pairs, dpo_recipe
     from transformers import AutoTokenizer
 
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
     from tunelab.data.chat import pair_from_row
     from tunelab.data.tokcache import _load_entry
     from tunelab.paths import resolve_cache_dir

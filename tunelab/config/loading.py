@@ -171,13 +171,12 @@ def expand_shorthands(data: dict) -> dict:
     return data
 
 
-def validate_recipe(data: dict, source: str, kind: str | None = None) -> TrainingRecipe:
-    """Validate a recipe mapping as its `kind` (default: the `kind` argument, else pretrain).
+def validate_kind(data: dict, source: str, kind: str | None = None):
+    """Validate a recipe mapping by the schema of its `kind` (default: the `kind` argument, else pretrain).
 
     `kind` is the stage the user asked for (`tunelab finetune` -> finetune): a recipe without a
     kind takes it; one that names another kind is refused rather than silently reinterpreted.
-    A training recipe is then checked against its method and objective (training_check.py), so a
-    typo in their options fails before any work.
+    The schema only: tunelab.recipe.validate_recipe then checks what needs the methods, objectives and models.
     """
     data = dict(data)
     named = data.get("kind")
@@ -188,18 +187,7 @@ def validate_recipe(data: dict, source: str, kind: str | None = None) -> Trainin
     if data["kind"] not in RECIPE_KINDS:
         raise ConfigError(f"{source}: kind: unknown kind {data['kind']!r}{did_you_mean(data['kind'], RECIPE_KINDS)}; "
                           f"known: {', '.join(RECIPE_KINDS)}")
-    cfg = validate(data, source, RECIPE_KINDS[data["kind"]])
-    if not isinstance(cfg, TrainingRecipe):  # a model operation (merge): no training method to check
-        return cfg
-    from tunelab.training_check import check_training_recipe  # methods, objectives: outside config
-
-    return check_training_recipe(cfg, source)
-
-
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, kind: str | None = None) -> TrainingRecipe:
-    path = resolve_recipe_path(name_or_path)
-    data = apply_overrides(expand_shorthands(read_yaml(path)), list(overrides or []))
-    return validate_recipe(data, str(path), kind)
+    return validate(data, source, RECIPE_KINDS[data["kind"]])
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from tunelab.errors import ConfigError
-from tunelab.methods.peft_base import PEFT_LABELS, PeftMethod, _Options, _check_targets_value, check_targets, one_line
+from tunelab.adapters import PEFT_LABELS
+from tunelab.methods.peft_base import PeftMethod, _Options, _check_targets_value, check_targets, one_line
 
 
 # ---------------------------------------------------------------- the rest of peft, through one entry

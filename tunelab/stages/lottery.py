@@ -20,7 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
-from tunelab.config import PruneRecipe, apply_overrides, expand_shorthands, read_yaml, resolve_recipe_path, validate_recipe
+from tunelab.config import PruneRecipe, apply_overrides, expand_shorthands, read_yaml, resolve_recipe_path
+from tunelab.recipe import validate_recipe
 from tunelab.errors import ConfigError, ModelError
 from tunelab.paths import resolve_cache_dir
 

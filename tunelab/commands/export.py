@@ -24,7 +24,7 @@ def export_model(source: str | Path, out: str | Path, merge: bool = False, base:
     out, _ = operation.output_dir(out, "export", "export", False, log)  # checked before anything is loaded
     (item,) = operation.resolve_inputs([(str(source), "model", FIELD)])
     if item.adapter:
-        from tunelab.methods.peft_base import PEFT_LABELS, PROMPT_LEARNING
+        from tunelab.adapters import PEFT_LABELS, PROMPT_LEARNING
 
         peft_type = models.adapter_info(item.path).get("peft_type")
         if not merge and peft_type not in PROMPT_LEARNING:  # those are refused by load_adapter, saying why

@@ -1,5 +1,5 @@
-"""The second step of checking a training recipe: what the schema (config/, which knows no methods,
-objectives or models) cannot check. The method's and objective's options by their own models, the pair
+"""Loading a recipe: the schema of its kind (config/), then, for a training recipe, what the schema (which
+knows no methods, objectives or models) cannot check. The method's and objective's options by their own models, the pair
 (an objective that a method cannot train), the data the objective needs, the memory options each
 refuses, the preset's name, and the objective's default, decided from the starting model.
 Imports no torch: method and objective modules import it inside their hooks.
@@ -12,9 +12,23 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tunelab.config.base import did_you_mean
-from tunelab.config.loading import format_validation_error
+from tunelab.config import (TrainingRecipe, apply_overrides, did_you_mean, expand_shorthands, format_validation_error,
+                            read_yaml, resolve_recipe_path, validate_kind)
 from tunelab.errors import ConfigError, ModelError
+
+
+def validate_recipe(data: dict, source: str, kind: str | None = None):
+    """A recipe mapping validated as its kind (config.validate_kind); a training recipe is then checked against its
+    method and objective (check_training_recipe), so a typo in their options fails before any work."""
+    cfg = validate_kind(data, source, kind)
+    return check_training_recipe(cfg, source) if isinstance(cfg, TrainingRecipe) else cfg
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None, kind: str | None = None):
+    """A recipe file (or a shipped recipe's name) with `--set` overrides, validated and checked."""
+    path = resolve_recipe_path(name_or_path)
+    data = apply_overrides(expand_shorthands(read_yaml(path)), list(overrides or []))
+    return validate_recipe(data, str(path), kind)
 
 
 def check_training_recipe(cfg, source: str):

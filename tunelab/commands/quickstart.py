@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunelab.config import load_recipe
+from tunelab.recipe import load_recipe
 
 
 def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path:
@@ -24,7 +24,7 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
 
     from tunelab.compare import forgetting_table, render_table
     from tunelab.console import table_console
-    from tunelab.evaluate import generate_text
+    from tunelab.commands.evaluate import generate_text
     from tunelab.report import write_report
     from tunelab.runs import RunDir
     from tunelab.stages import run_stage
@@ -66,7 +66,7 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
     render_table(forgetting_table(continued), console=console)
     # A multiple-choice task built from the stdlib ("which module defines this function?"): accuracy with a
     # bootstrap interval, and each code model's paired change against the prose model.
-    from tunelab.evaluate import evaluate_suite, render_suite
+    from tunelab.commands.evaluate import evaluate_suite, render_suite
 
     render_suite(evaluate_suite([str(r / "final") for r in continued], tasks=["builtin:stdlib-module"],
                                 relative_to=str(run_dir / "final"), seed=cfg.train.seed, log=lambda *a: None),
@@ -82,7 +82,7 @@ def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path
 
 def instruction_tune(run_dir: Path, overrides: list[str], console, quiet: bool) -> list[Path]:
     """SFT with LoRA on builtin:instruct, then DPO with LoRA on builtin:preference; what each changed, and a reply."""
-    from tunelab.chat import Conversation
+    from tunelab.commands.chat import Conversation
     from tunelab.runs import read_metrics
     from tunelab.stages import run_stage
 

@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tunelab.config import (apply_overrides, dump_config, expand_shorthands, read_yaml, resolve_recipe_path,
-                            validate, validate_recipe)
+from tunelab.config import apply_overrides, dump_config, expand_shorthands, read_yaml, resolve_recipe_path, validate
+from tunelab.recipe import validate_recipe
 from tunelab.errors import ConfigError
 from tunelab.stage_keys import Plan, data_hashes, plan_stage, stage_key
 
@@ -245,7 +245,7 @@ def _run_job(job: _Job, quiet: bool, log) -> None:
         record = {"kind": stage.kind, "output": job.output_type, "upstream": job.upstream}
         plan.begin(**record)
         if stage.kind == EVAL_KIND:
-            from tunelab.evaluate import eval_record, evaluate_model
+            from tunelab.commands.evaluate import eval_record, evaluate_model
             from tunelab.runs import atomic_write
 
             log(f"[{stage.name}] eval {job.target} on {', '.join(job.eval_data)}")
@@ -259,7 +259,7 @@ def _run_job(job: _Job, quiet: bool, log) -> None:
                       resume=plan.action == "resume" and (not trains or (plan.dir / "config.yaml").exists()))
         plan.finish(**record)
     if stage.kind == EVAL_KIND and not quiet:
-        from tunelab.evaluate import render_eval
+        from tunelab.commands.evaluate import render_eval
 
         render_eval(json.loads(plan.output.read_text()), f"stage {stage.name}: eval of {job.target}")
 

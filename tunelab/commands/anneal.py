@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from tunelab.config import apply_overrides, validate_recipe
+from tunelab.config import apply_overrides
+from tunelab.recipe import validate_recipe
 from tunelab.errors import ConfigError, RunDirError
 
 

@@ -48,7 +48,7 @@ RESUME_HELP = "Continue the same run from its newest intact checkpoint (the reci
 
 
 def _train(kind: str, recipe: str, set_: list[str], out: Optional[Path], resume: bool, quiet: bool) -> None:
-    from tunelab.config import load_recipe
+    from tunelab.recipe import load_recipe
 
     cfg = load_recipe(recipe, set_, kind=kind)
     check_data_paths(cfg)  # before torch is imported: a mistyped path fails in a second, not after ~10
@@ -142,7 +142,7 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     """Loss, perplexity and bits per byte of models on each data domain (a source the model or an ancestor
     trained on: its held-out split; any other source: all of it); with several models or --relative-to, one
     table with each model's change against the base; multiple-choice tasks; generation quality."""
-    from tunelab.evaluate import evaluate_model, evaluate_suite, render_eval, render_suite
+    from tunelab.commands.evaluate import evaluate_model, evaluate_suite, render_eval, render_suite
 
     _no_transformers_bars()
     log = (lambda *a: None) if (quiet or as_json) else _stderr
@@ -176,7 +176,7 @@ def generate(model_dir: str = typer.Argument(..., help="A saved model or adapter
              seed: int = typer.Option(0, "--seed", help=SEED_HELP),
              base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP)):
     """Continue a prompt with a saved model."""
-    from tunelab.evaluate import generate_text
+    from tunelab.commands.evaluate import generate_text
 
     _no_transformers_bars()
     print(generate_text(model_dir, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
@@ -195,7 +195,7 @@ def chat(model_dir: str = typer.Argument(..., help="A saved model or adapter dir
          seed: int = typer.Option(0, "--seed", help=SEED_HELP),
          base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP)):
     """Talk to a model through its chat template (the built-in one if its tokenizer has none)."""
-    from tunelab.chat import chat as converse, stdin_messages
+    from tunelab.commands.chat import chat as converse, stdin_messages
 
     _no_transformers_bars()
     messages = [message] if message is not None else stdin_messages(prompt=sys.stdin.isatty())
@@ -210,7 +210,7 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), "--out", help="
                quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """The whole loop on the built-in corpus, offline: tokenizer, pretraining, eval on every domain, a sample; code by
     continued pretraining (with and without replay) and LoRA, the forgetting table; SFT and DPO; the HTML report."""
-    from tunelab.quickstart import run_quickstart
+    from tunelab.commands.quickstart import run_quickstart
 
     run_quickstart(out, set_, quiet=quiet)
 
@@ -228,7 +228,7 @@ def run_pipeline(pipeline: Path = typer.Argument(..., help="Pipeline YAML: a lis
                                                     "outputs it reads must exist."),
                  quiet: bool = typer.Option(False, "--quiet")):
     """Run a pipeline's stages in order, skipping those already done with the same resolved config."""
-    from tunelab.pipeline import run_pipeline as run
+    from tunelab.commands.pipeline import run_pipeline as run
 
     run(pipeline, out=out, quiet=quiet, overrides=set_, resume=resume, dry_run=dry_run, only=only)
 
@@ -241,7 +241,7 @@ def export_(source: str = typer.Argument(..., metavar="RUN_OR_ADAPTER",
             base: Optional[str] = typer.Option(None, "--base", help="The adapter's base model, if it moved."),
             quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Write a standalone HF model directory (plain AutoModelForCausalLM loads it), with lineage.json."""
-    from tunelab.export import export_model
+    from tunelab.commands.export import export_model
 
     _no_transformers_bars()
     export_model(source, out, merge=merge, base=base, log=(lambda *a: None) if quiet else _stderr)
@@ -279,8 +279,8 @@ def analyze(base: str = typer.Argument(..., metavar="BASE", help="The model it w
             quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Weight-space analysis of a fine-tune against its base: changed and trainable parameters, per-matrix
     update norm, rank and effective rank of the update, unchanged share, intruder dimensions."""
-    from tunelab.analyze import analyze as run_analysis
-    from tunelab.analyze import render_analysis
+    from tunelab.commands.analyze import analyze as run_analysis
+    from tunelab.commands.analyze import render_analysis
 
     _no_transformers_bars()
     result = run_analysis(base, tuned, top_k=top_k, threshold=threshold,
@@ -425,7 +425,7 @@ def anneal(run: Path = typer.Argument(..., help="The run to branch from (its che
 
     The branch continues the run's optimizer and data stream and decays from the LR the run had at
     that step to its min_lr_ratio."""
-    from tunelab.anneal import run_anneal
+    from tunelab.commands.anneal import run_anneal
 
     run_anneal(run, from_, steps, shape=shape, out=out, overrides=set_, resume=resume, quiet=quiet)
 
