@@ -13,7 +13,7 @@ from tunelab.errors import ConfigError
 
 from tunelab.config.base import Section, did_you_mean
 from tunelab.config.ops import AverageRecipe, MergeRecipe, PruneRecipe
-from tunelab.config.training import FinetuneRecipe, PretrainRecipe, TrainingRecipe, _as_source_list
+from tunelab.config.training import FinetuneRecipe, PretrainRecipe, _as_source_list
 
 class YamlLoader(yaml.SafeLoader):
     """SafeLoader that reads `1e-5` as a float, as YAML 1.2 and every user do (YAML 1.1 needs `1.0e-5`).
