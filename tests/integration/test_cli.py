@@ -117,3 +117,26 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, corpus_dir):
     resumed = run_cli(*resume.split()[1:], "--set", "train.max_steps=" + str(checkpoints[-1] + 1), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert last_logged_step(out / "metrics.jsonl") == checkpoints[-1] + 1
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"kind": "finetune", "model": {"path": "m"}, "data": {"train": "builtin:preference"},
+      "method": {"name": "dpo", "options": {"beta": 0.2, "tuning": {"name": "lora"}}}},
+     "method.name: dpo is an objective now: write objective: {name: dpo, options: {beta: 0.2}} and method: "
+     "{name: lora}"),
+    ({"model": {"preset": "bert-tiny"}, "train": {"objective": "mlm", "whole_word_masking": True}},
+     "train.objective, train.whole_word_masking: moved to their own section: write objective: "
+     "{name: mlm, options: {whole_word_masking: true}}"),
+    ({"data": {"train": "builtin:preference"}, "objective": {"name": "dpo"}, "method": {"name": "mezo"}},
+     "objective.name: method mezo with objective dpo cannot work: mezo has no backward pass"),
+    ({"objective": {"name": "mlm"}}, "objective.name: mlm trains an encoder, but the starting model is a causal LM"),
+])
+def test_a_recipe_the_two_axes_refuse_is_one_line_exit_2_and_nothing_written(tmp_path, recipe, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    result = run_cli(recipe.get("kind", "pretrain"), str(path), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], lines
+    assert not out.exists()
