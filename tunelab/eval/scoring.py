@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunelab import lineage, models
+from tunelab import lineage, models, tokenizers
 from tunelab.config import SourceSpec, _as_source_list, validate
 from tunelab.paths import resolve_cache_dir
 
