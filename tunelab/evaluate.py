@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab import models
+from tunelab import models, tokenizers
 from tunelab.eval.scoring import SPLITS, evaluate_model, load, run_recipe, source_specs  # noqa: F401 (eval's body)
 from tunelab.paths import resolve_cache_dir
 

@@ -34,7 +34,7 @@ def check_configs(inputs: list[ModelInput], sources: list[WeightFiles]) -> None:
 
 def check_vocabularies(inputs: list[ModelInput]):
     """Every tokenizer maps the same ids to the same tokens; returns the first one."""
-    from tunelab import models
+    from tunelab.tokenizers import load_tokenizer, tokenizer_fingerprint
 
     tokenizers = [load_tokenizer(str(i.model_dir), i.label) for i in inputs]
     first, ref = inputs[0], tokenizers[0]

@@ -66,7 +66,6 @@ def calibration_sources(cfg: PruneRecipe, model_path: Path, log) -> list[tuple]:
     from tunelab.data import source_content_hash
     from tunelab.runs import ancestor_source_specs, trained_sources
     from tunelab.paths import resolve_cache_dir
-    from tunelab.tokenizers import eos_id
 
     if cfg.calibration.data is not None:
         specs = list(cfg.calibration.data)
@@ -86,14 +85,14 @@ def calibration_batches(cfg: PruneRecipe, model, tokenizer, model_path: Path, lo
     import numpy as np
     import torch
 
-    from tunelab import models
+    from tunelab import models, tokenizers
     from tunelab.data import tokenize_source
     from tunelab.eval.perplexity import window_indices
     from tunelab.paths import resolve_cache_dir
 
     sources = calibration_sources(cfg, model_path, log)
     seq = min(cfg.calibration.seq_len, models.max_positions(model) or cfg.calibration.seq_len)
-    eos = eos_id(tokenizer)
+    eos = tokenizers.eos_id(tokenizer)
     windows = []
     per_source = max(1, cfg.calibration.max_tokens // seq // len(sources))
     for spec, _, fraction in sources:
@@ -174,7 +173,7 @@ def run_prune(cfg: PruneRecipe, out=None, resume: bool = False, quiet: bool = Fa
 def _prune_saved_model(cfg: PruneRecipe, out: Path, log) -> Path:
     import torch
 
-    from tunelab import models
+    from tunelab import models, tokenizers
     from tunelab.eval.scoring import render_before_after
     from tunelab.ops import operation, prune
 
