@@ -371,16 +371,16 @@ def test_anneal_hand_values(shape, values):
 
 
 def test_start_ratio_belongs_to_anneal_only():
-    from tunelab.config import validate_recipe
+    from tunelab.config import PretrainRecipe, validate
     from tunelab.errors import ConfigError
 
     recipe = {"train": {"schedule": {"name": "wsd", "start_ratio": 0.5}}}
     with pytest.raises(ConfigError) as err:
-        validate_recipe(recipe, "r.yaml", "pretrain")
+        validate(recipe, "r.yaml", PretrainRecipe)
     assert "\n" not in str(err.value) and "r.yaml" in str(err.value)
-    assert "start_ratio: only for name: anneal" in str(err.value)
+    assert "train.schedule: start_ratio: only for name: anneal" in str(err.value)
     # The default is what every run's config.yaml holds, whatever its schedule: re-reading one still works.
-    assert validate_recipe({"train": {"schedule": {"name": "wsd", "start_ratio": 1.0}}}, "r.yaml", "pretrain")
+    assert validate({"train": {"schedule": {"name": "wsd", "start_ratio": 1.0}}}, "r.yaml", PretrainRecipe)
     assert cfg("anneal", start_ratio=0.5).start_ratio == 0.5
 
 
