@@ -401,17 +401,23 @@ def test_precision_auto_is_resolved_and_recorded(tmp_path, corpus):
     from tunelab.train.precision import resolve_precision
 
     expected, _ = resolve_precision("auto", torch.device("cpu"), log=lambda *a: None)
-    run = run_stage(recipe(corpus, precision="auto", max_steps=2, checkpoint_every=0), out=tmp_path / "run",
-                    quiet=True)
-    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"]
+    cfg = recipe(corpus, precision="auto", max_steps=2, checkpoint_every=0)
+    given = cfg.model_dump()
+    assert given["train"]["precision"] == "auto" and given["train"]["eval_at_start"] is None
+    run = run_stage(cfg, out=tmp_path / "run", quiet=True)
+    assert cfg.model_dump() == given  # the stage resolves a copy; the caller's recipe is left as given
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
     env = json.loads((run / "env.json").read_text())["precision"]
-    assert saved == env["used"] == expected and saved in ("fp32", "bf16")
+    assert saved["precision"] == env["used"] == expected and saved["precision"] in ("fp32", "bf16")
+    assert saved["eval_at_start"] is False  # resolved: a fresh preset has no baseline to measure
     assert env["why"].startswith("auto")
     # A resume with the recipe still saying auto keeps what the run chose (not a config change).
-    run_stage(recipe(corpus, precision="auto", max_steps=3, checkpoint_every=0), out=run, resume=True, quiet=True)
+    resumed = recipe(corpus, precision="auto", max_steps=3, checkpoint_every=0)
+    run_stage(resumed, out=run, resume=True, quiet=True)
+    assert resumed.train.precision == "auto" and resumed.train.eval_at_start is None
     changes = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "config_change"]
     assert [c["changes"] for c in changes] == [{"train.max_steps": [2, 3]}]
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == saved
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == saved["precision"]
 
 
 # ---------------------------------------------------------------- per-rank RNG (dropout)

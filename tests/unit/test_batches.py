@@ -8,7 +8,6 @@ and after a state_dict round trip (the resume path).
 
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import pytest
@@ -145,8 +144,6 @@ def test_clm_without_masks_has_known_counts():
 
 
 def test_loss_mask_turns_into_minus_100_labels():
-    if "loss_mask" not in inspect.signature(PackedSequences).parameters:
-        pytest.skip("PackedSequences(..., loss_mask=) not there yet (tunelab/data rewrite in progress)")
     sets = token_sets(loss_mask=True)
     src = source("clm", micro=2, accum=2, sets=sets)
     assert src.targets_known is False  # counts vary with the masks
@@ -166,8 +163,6 @@ def test_loss_mask_turns_into_minus_100_labels():
 
 
 def test_loss_mask_with_mlm_never_masks_context_tokens():
-    if "loss_mask" not in inspect.signature(PackedSequences).parameters:
-        pytest.skip("PackedSequences(..., loss_mask=) not there yet (tunelab/data rewrite in progress)")
     sets = token_sets(loss_mask=True)
     src = source("mlm", micro=4, sets=sets)
     pairs = Mixture([len(s) for s in sets], [2.0, 1.0], 5).take(4)

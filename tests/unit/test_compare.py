@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from tunelab.compare import forgetting_table
+from tunelab.eval.relative import forgetting_table
 from tunelab.errors import ConfigError, RunDirError
 
 
@@ -240,7 +240,7 @@ def test_run_names_are_never_cut_short(tmp_path, capsys):
 
     from rich.console import Console
 
-    from tunelab.compare import render_table
+    from tunelab.commands.compare import render_table
     from tunelab.eval.relative import render_relative, relative_table
 
     runs = _long_named_runs(tmp_path)

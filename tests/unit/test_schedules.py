@@ -370,6 +370,20 @@ def test_anneal_hand_values(shape, values):
     assert phase_of(0, 4, c) == "anneal"
 
 
+def test_start_ratio_belongs_to_anneal_only():
+    from tunelab.config import PretrainRecipe, validate
+    from tunelab.errors import ConfigError
+
+    recipe = {"train": {"schedule": {"name": "wsd", "start_ratio": 0.5}}}
+    with pytest.raises(ConfigError) as err:
+        validate(recipe, "r.yaml", PretrainRecipe)
+    assert "\n" not in str(err.value) and "r.yaml" in str(err.value)
+    assert "train.schedule: start_ratio: only for name: anneal" in str(err.value)
+    # The default is what every run's config.yaml holds, whatever its schedule: re-reading one still works.
+    assert validate({"train": {"schedule": {"name": "wsd", "start_ratio": 1.0}}}, "r.yaml", PretrainRecipe)
+    assert cfg("anneal", start_ratio=0.5).start_ratio == 0.5
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("K,N", [(10, 5), (37, 13), (100, 1), (64, 64), (250, 50), (6, 200)])
 @pytest.mark.parametrize("floor", [0.0, 0.1])

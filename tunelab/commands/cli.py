@@ -256,7 +256,8 @@ def compare(runs: list[Path] = typer.Argument(..., metavar="RUN", help="Run dire
             as_json: bool = typer.Option(False, "--json", help="Print the table as JSON.")):
     """Forgetting table: each run's final eval per domain and its change since step 0 (or against --base);
     a rise on a reference domain is forgetting, a fall on a target domain is gain."""
-    from tunelab.compare import forgetting_table, render_table
+    from tunelab.commands.compare import render_table
+    from tunelab.eval.relative import forgetting_table
 
     table = forgetting_table(runs, base=base, metric=metric)
     if as_json:

@@ -22,7 +22,8 @@ from tunelab.recipe import load_recipe
 def run_quickstart(out: Path, overrides: list[str], quiet: bool = False) -> Path:
     from rich.table import Table
 
-    from tunelab.compare import forgetting_table, render_table
+    from tunelab.commands.compare import render_table
+    from tunelab.eval.relative import forgetting_table
     from tunelab.console import table_console
     from tunelab.commands.evaluate import generate_text
     from tunelab.report import write_report

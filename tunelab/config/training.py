@@ -152,7 +152,15 @@ class ScheduleConfig(Section):
     constant_ratio: float = Field(0.25, gt=0, le=1)
     anneal_steps: int = Field(0, ge=0)
     periods: list[int] = Field(default_factory=list)  # multi_wsd: length in steps of each period, summing to max_steps
-    start_ratio: float = Field(1.0, gt=0, le=1)  # anneal: the multiplier it decays from (written by `tunelab anneal`)
+    # anneal: the LR multiplier the decay starts from, e.g. the plateau of the run it branches off (1 after a wsd's
+    # stable phase, constant_ratio after an infinite's constant phase); `tunelab anneal` computes it.
+    start_ratio: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _anneal_only(self) -> "ScheduleConfig":
+        if self.name != "anneal" and self.start_ratio != 1.0:  # 1.0: the default every config.yaml holds
+            raise ValueError(f"start_ratio: only for name: anneal (where its decay starts); remove it for {self.name}")
+        return self
 
 
 class TrainConfig(Section):

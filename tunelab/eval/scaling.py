@@ -66,7 +66,7 @@ def _model_dir(run: Path) -> Path | None:
 
 
 def run_point(run: str | Path, domain: str, metric: str = "loss", params: str = "total") -> dict:
-    from tunelab.compare import run_evals
+    from tunelab.eval.relative import run_evals
     from tunelab.runs import read_metrics
 
     path = Path(run)
@@ -95,7 +95,7 @@ def run_point(run: str | Path, domain: str, metric: str = "loss", params: str = 
 
 def common_domain(runs: list[Path]) -> str:
     """The one domain every run trained on (role target); else a ConfigError listing the candidates."""
-    from tunelab.compare import run_evals
+    from tunelab.eval.relative import run_evals
 
     all_evals = [run_evals(r) for r in runs]
     shared = set.intersection(*[set(e) for e in all_evals])

@@ -29,7 +29,7 @@ def write_report(runs: list[str | Path], out: str | Path, *, title: str | None =
     Problems that do not stop the report (a cut-off metrics line, a run without metrics, runs with
     different tokenizers) are passed to `warn` and listed at the top of the page.
     """
-    from tunelab.compare import forgetting_table
+    from tunelab.eval.relative import forgetting_table
     from tunelab.report import html
     from tunelab.report.collect import expand, load
     from tunelab.report.lineage import build_graph, render_svg

@@ -180,7 +180,7 @@ def runs_table(entries: list[Entry]) -> str:
 
 
 def final_table(table: dict, entries_by_path: dict[str, Entry]) -> str:
-    """compare.forgetting_table as HTML: per domain, each run's last evaluation and its change since step 0."""
+    """eval.relative.forgetting_table as HTML: per domain, each run's last evaluation and its change since step 0."""
     metric = table["metric"]
     runs = table["runs"]
     head = '<th>domain</th><th>role</th>' + "".join(

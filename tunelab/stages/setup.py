@@ -168,14 +168,15 @@ class Stage:
 
 
 def open_stage(cfg, out: Path | None, resume: bool, quiet: bool) -> Stage:
+    """Processes and run directory. `Stage.cfg` is a copy of the recipe with train.eval_at_start and
+    train.precision resolved (config.yaml holds the answers); the caller's recipe is left as given."""
     from tunelab.train import checkpoint as ckpt
     from tunelab.train.precision import resolve_precision
 
     init = resolve_init(cfg)
     if not init.trained:  # a mistyped preset override fails now, not after the tokenizer is trained
         models.check_preset(cfg.model.preset, cfg.model.overrides)
-    if cfg.train.eval_at_start is None:  # resolved before the resume check: config.yaml holds the answer
-        cfg.train.eval_at_start = init.trained
+    eval_at_start = init.trained if cfg.train.eval_at_start is None else cfg.train.eval_at_start
     d = distmod.init()
     log = (lambda *a: None) if (quiet or not d.main) else print
     if quiet or not d.main:
@@ -185,9 +186,12 @@ def open_stage(cfg, out: Path | None, resume: bool, quiet: bool) -> Stage:
     run = open_run_dir(Path(out) if out else Path("runs") / cfg.name, resume, main=d.main)
     saved = yaml.safe_load(run.config.read_text()) if resume and run.config.is_file() else None
     if saved is not None and cfg.train.precision == "auto":  # a resumed run keeps the precision it chose
-        cfg.train.precision, reason = saved["train"]["precision"], "as the run being resumed"
+        precision, reason = saved["train"]["precision"], "as the run being resumed"
     else:
-        cfg.train.precision, reason = resolve_precision(cfg.train.precision, d.device, log)
+        precision, reason = resolve_precision(cfg.train.precision, d.device, log)
+    # Resolved before the resume check, which compares them with config.yaml's.
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"eval_at_start": eval_at_start, "precision": precision}, deep=True)}, deep=True)
     if saved is not None:
         check_resume_config(run, saved, cfg, log)
     # Rank 0 alone inspects (and may repair) the checkpoints; every rank resumes from its choice.

@@ -31,6 +31,7 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
     objective = create_objective(cfg.objective.name, cfg.objective.options)
     objective.loss_chunk_tokens = cfg.train.loss_chunk_tokens  # before prepare: a calibration pass (sparse) chunks too
     stage = setup.open_stage(cfg, out, resume, quiet)
+    cfg = stage.cfg  # the recipe with precision and eval_at_start resolved: what is recorded and trained
     d, run, log = stage.d, stage.run, stage.log
     if cfg.train.release_freed_memory and not release_freed_memory():  # before the model's memory is allocated
         log("train.release_freed_memory: the C library is not glibc (no mallopt): memory is managed as usual")
