@@ -364,9 +364,11 @@ def test_lottery_rewinds_to_exactly_the_saved_weights(base, tmp_path, rewind, ra
         assert all(torch.equal(again[k], v) for k, v in random_final.items())
         assert (out / "prune.json").is_file() and (out / "lineage.json").is_file()
 
-        # Another sparsity, resumed (prune.json gone): init and the dense round are kept, the pruned rounds run
-        # again into fresh directories (stage_keys), and the earlier rounds stay as they were.
+        # Another sparsity, resumed on an unfinished lottery (its records gone; lineage.json, written last, marks a
+        # finished operation): init and the dense round are kept, the pruned rounds run again into fresh
+        # directories (stage_keys), and the earlier rounds stay as they were.
         (out / "prune.json").unlink()
+        (out / "lineage.json").unlink()
         dense_stamp, round1 = (rounds / "round-0" / "metrics.jsonl").stat().st_mtime_ns, _tensors(rounds / "round-1" / "final")
         recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "sparsity": 0.6}))
         code, _, stderr = _cli("prune", recipe, "--out", out, "--resume", "--quiet")
