@@ -196,7 +196,7 @@ def test_a_data_stage_feeds_training_and_eval_through_a_dataset(tmp_path, select
     assert [records[n]["output"] for n in plan] == ["dataset", "model", "adapter", "evaluation"]
     assert records["base"]["upstream"] == {"select": records["select"]["key"]}
     scores = json.loads(outputs["score"].read_text())  # the eval stage prints its table
-    assert list(scores) == ["dataset"] and f"{scores['dataset']['loss']:.4f}" in printed
+    assert list(scores) == ["dataset", "model"] and f"{scores['dataset']['loss']:.4f}" in printed  # + the model scored
     assert "stage score: eval of" in printed
 
     assert {row[4] for row in dry_run(pipe, root, capsys).values()} == {"skip"}

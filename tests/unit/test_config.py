@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab.config import (RECIPE_KINDS, RECIPES_DIR, FinetuneRecipe, MergeRecipe, PretrainRecipe, RecipeConfig, ScheduleConfig, SourceSpec, apply_overrides, dump_config, parse_override, read_yaml, resolve_recipe_path, validate)
+from tunelab.config import (RECIPE_KINDS, RECIPES_DIR, FinetuneRecipe, MergeRecipe, PretrainRecipe, RecipeConfig,
+                            ScheduleConfig, SourceSpec, apply_overrides, dump_config, parse_override, read_yaml,
+                            resolve_recipe_path, validate)
 from tunelab.recipe import load_recipe, validate_recipe
 from tunelab.errors import ConfigError, TunelabError
 
@@ -508,7 +510,7 @@ def test_loading_recipes_imports_no_torch():
     recipes = sorted(p.stem for p in SHIPPED)
     code = ("import sys, json\n"
             "import tunelab.config\n"
-            "from tunelab.config import load_recipe\n"
+            "from tunelab.recipe import load_recipe\n"
             f"cfgs = [load_recipe(r) for r in {recipes!r}]\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'safetensors'))\n"
             "methods = sorted(m for m in sys.modules if m.startswith('tunelab.methods.'))\n"

@@ -14,6 +14,7 @@ from tunelab.config import TrainConfig
 from tunelab.errors import ConfigError
 from tunelab.methods import METHODS, create_method, method_class
 from tunelab.methods.base import Method, MethodContext
+from tunelab.objectives import OBJECTIVES, create_objective, objective_class
 from tunelab.models import build_model
 from tunelab.tokenizers import train_tokenizer
 from tunelab.train.objectives import add_labels, count_targets, fixed_mlm_labeler, sequence_seed
@@ -84,10 +85,15 @@ def test_registry():
         assert issubclass(cls, Method) and cls.name == name
         method = create_method(name, REQUIRED_OPTIONS.get(name, {}))
         assert isinstance(method, cls)
-        for hook in ("prepare", "aux_models", "batch_source", "select_trainable", "trainable_params", "loss",
+        for hook in ("prepare", "aux_models", "batch_source", "select_trainable", "trainable_params",
                      "train_step", "after_backward", "after_step", "state_dict", "load_state_dict", "tensor_state",
                      "load_tensor_state", "weights_to_save", "load_weights", "save_final"):
             assert callable(getattr(method, hook)), (name, hook)
+    for name in OBJECTIVES:  # the other axis: every objective has the loss and the hooks the loop calls
+        objective = create_objective(name, {})
+        assert isinstance(objective, objective_class(name)) and objective.name == name
+        for hook in ("prepare", "aux_models", "batch_source", "loss", "after_step", "metrics", "refusal"):
+            assert callable(getattr(objective, hook)), (name, hook)
 
 
 def test_unknown_method_is_a_config_error_with_hint():

@@ -217,6 +217,8 @@ def render_eval(results: dict, title: str, console=None) -> None:
     for col in ("domain", "split", "loss", "ppl", "bits/byte", "tokens"):
         table.add_column(col, justify="left" if col in ("domain", "split") else "right")
     for domain, r in results.items():
+        if domain == "model":  # eval.json's record of the model scored (eval_record), not a domain
+            continue
         split = r["split"] + (f" ({r['eval_fraction']})" if r.get("eval_fraction") else "")  # the training's split
         table.add_row(domain, split, f"{r['loss']:.4f}", f"{r['ppl']:.2f}",
                       f"{r['bpb']:.4f}" if r["bpb"] else "-", f"{r['eval_tokens']:,}")
