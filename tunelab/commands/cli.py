@@ -226,7 +226,7 @@ def run_pipeline(pipeline: Path = typer.Argument(..., help="Pipeline YAML: a lis
                                               "run and write nothing."),
                  only: Optional[str] = typer.Option(None, "--only", metavar="STAGE", help="Run just this stage; the "
                                                     "outputs it reads must exist."),
-                 quiet: bool = typer.Option(False, "--quiet")):
+                 quiet: bool = typer.Option(False, "--quiet", help=QUIET_HELP)):
     """Run a pipeline's stages in order, skipping those already done with the same resolved config."""
     from tunelab.commands.pipeline import run_pipeline as run
 
