@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from tunelab.config import (TrainingRecipe, apply_overrides, did_you_mean, expand_shorthands, format_validation_error,
                             read_yaml, resolve_recipe_path, validate_kind)
-from tunelab.errors import ConfigError, ModelError
+from tunelab.errors import ConfigError, DataError, ModelError
 
 
 def validate_recipe(data: dict, source: str, kind: str | None = None):
@@ -114,3 +114,15 @@ def _starts_from_encoder(cfg) -> bool | None:
             continue
         return config.get("model_type") in ENCODER_TYPES and not config.get("is_decoder", False)
     return None
+
+
+def check_data_paths(cfg) -> None:
+    """Every file or folder source of the recipe exists (built-in sources need no check): before torch is
+    imported, so a mistyped path fails in a second."""
+    replay = cfg.data.replay.sources if cfg.data.replay else []
+    for section, specs in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("data.replay", replay)):
+        for spec in specs:
+            path = Path(spec.source.removeprefix("hf:")).expanduser()
+            if not spec.source.startswith("builtin:") and not path.exists():
+                raise DataError(f"{section}: {spec.source}: no such file or folder; fix the path in the recipe "
+                                f"(or --set {section}=PATH)")

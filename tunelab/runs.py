@@ -287,3 +287,17 @@ def ancestor_source_specs(model_dirs: list[str | Path]) -> list[dict]:
                 hashes.add(d["content_hash"])
                 found.append({k: v for k, v in (d.get("spec") or {"source": d["source"]}).items() if k != "weight"})
     return found
+
+
+def report_interrupt(run_dir: Path, max_steps: int, resume_command: list[str]) -> None:
+    """Where an interrupted run stopped and how to continue it (stderr; rank 0 only)."""
+    import shlex
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    logged = [e["step"] for e in read_metrics(run_dir / "metrics.jsonl") if e.get("event") == "train"]
+    kept = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    where = f"after step {max(logged)} of {max_steps}" if logged else "before its first logged step"
+    resume = (f"--resume continues from checkpoint step-{max(kept)}" if kept else
+              "no checkpoint yet: --resume starts again from step 0")
+    print(f"interrupted {where}: {run_dir} ({resume}); continue with:\n  {shlex.join(resume_command)}", file=sys.stderr)

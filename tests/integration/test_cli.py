@@ -57,7 +57,8 @@ def _help(*command: str) -> str:
 def test_every_option_has_a_description_and_a_conventional_metavar():
     import typer
 
-    from tunelab.commands.cli import app, conventional_metavars
+    from tunelab.commands.cli import app
+    from tunelab.commands.cli_help import conventional_metavars
 
     command = typer.main.get_command(app)
     conventional_metavars(command)

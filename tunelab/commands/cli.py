@@ -48,7 +48,7 @@ RESUME_HELP = "Continue the same run from its newest intact checkpoint (the reci
 
 
 def _train(kind: str, recipe: str, set_: list[str], out: Optional[Path], resume: bool, quiet: bool) -> None:
-    from tunelab.recipe import load_recipe
+    from tunelab.recipe import check_data_paths, load_recipe
 
     cfg = load_recipe(recipe, set_, kind=kind)
     check_data_paths(cfg)  # before torch is imported: a mistyped path fails in a second, not after ~10
@@ -61,38 +61,10 @@ def _train(kind: str, recipe: str, set_: list[str], out: Optional[Path], resume:
         # way out belongs in train/loop.py, which holds the state; this report then names it.)
         run_dir = Path(out) if out else Path("runs") / cfg.name
         command = ["tunelab", kind, recipe, *[a for s in set_ for a in ("--set", s)], "--out", str(run_dir)]
+        from tunelab.runs import report_interrupt
+
         report_interrupt(run_dir, cfg.train.max_steps, command + ["--resume"])
         raise
-
-
-def check_data_paths(cfg) -> None:
-    """Every file or folder source of the recipe exists (built-in sources need no check)."""
-    from tunelab.errors import DataError
-
-    replay = cfg.data.replay.sources if cfg.data.replay else []
-    for section, specs in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval), ("data.replay", replay)):
-        for spec in specs:
-            path = Path(spec.source.removeprefix("hf:")).expanduser()
-            if not spec.source.startswith("builtin:") and not path.exists():
-                raise DataError(f"{section}: {spec.source}: no such file or folder; fix the path in the recipe "
-                                f"(or --set {section}=PATH)")
-
-
-def report_interrupt(run_dir: Path, max_steps: int, resume_command: list[str]) -> None:
-    """Where an interrupted run stopped and how to continue it (stderr; rank 0 only)."""
-    import os
-    import shlex
-
-    from tunelab.runs import read_metrics
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    logged = [e["step"] for e in read_metrics(run_dir / "metrics.jsonl") if e.get("event") == "train"]
-    kept = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
-    where = f"after step {max(logged)} of {max_steps}" if logged else "before its first logged step"
-    resume = (f"--resume continues from checkpoint step-{max(kept)}" if kept else
-              "no checkpoint yet: --resume starts again from step 0")
-    _stderr(f"interrupted {where}: {run_dir} ({resume}); continue with:\n  {shlex.join(resume_command)}")
 
 
 @app.command()
@@ -442,23 +414,6 @@ def _stderr(*parts) -> None:
     print(*parts, file=sys.stderr)
 
 
-METAVARS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "Path": "PATH"}
-
-
-def conventional_metavars(command) -> None:
-    """Help shows click's TEXT / INTEGER / PATH for an option's value and nothing for a flag, instead of
-    typer's Python types (<list[str]>, <bool>); an argument's name already says what it takes."""
-    for sub in getattr(command, "commands", {}).values():
-        conventional_metavars(sub)
-    help_option = command.get_help_option(typer.Context(command))  # made once, then reused by the command
-    for param in [*command.params, *([help_option] if help_option else [])]:
-        if param.param_type_name == "argument":
-            param.display_type_rich = lambda ctx: None
-        elif param.metavar is None:
-            element = param.bare_type().removeprefix("list[").removesuffix("]")  # a repeatable option: one value
-            param.metavar = "" if param.is_flag else METAVARS.get(element, element.upper())
-
-
 def main() -> None:
     import os
 
@@ -470,6 +425,8 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if hasattr(sys.stdout, "reconfigure"):  # piped (nohup, CI), each log line shows when it is printed
         sys.stdout.reconfigure(line_buffering=True)
+    from tunelab.commands.cli_help import conventional_metavars
+
     command = typer.main.get_command(app)
     conventional_metavars(command)
     try:
