@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -41,9 +41,13 @@ BASE_HELP = "For an adapter directory: its base model, if it moved since trainin
 RECIPE_HELP = "Recipe YAML file, or the name of a shipped recipe."
 OUT_HELP = "Run directory (default runs/<recipe name>)."
 QUIET_HELP = "No progress bar or log lines."
-SEED_HELP = "Sampling seed."
-TEMPERATURE_HELP = "Sampling temperature (lower: closer to greedy)."
-TOP_K_HELP = "Sample from the k most likely tokens (0: all)."
+# The sampling options `generate` and `chat` share (and `--base`, which eval takes too).
+Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.01,
+                                            help="Sampling temperature (lower: closer to greedy).")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0: all).")]
+Seed = Annotated[int, typer.Option("--seed", help="Sampling seed.")]
+Base = Annotated[Optional[str], typer.Option("--base", help=BASE_HELP)]
 RESUME_HELP = "Continue the same run from its newest intact checkpoint (the recipe must not change, bar safe keys)."
 
 
@@ -98,7 +102,7 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
           as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
           split: str = typer.Option("auto", "--split", help="auto: a source the model or an ancestor trained on "
                                     "is scored on its held-out split, any other whole; or held-out | whole."),
-          base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP),
+          base: Base = None,
           relative_to: Optional[str] = typer.Option(None, "--relative-to", help="A base model directory: every "
                                                     "model's change against it per domain and task."),
           metric: str = typer.Option("loss", "--metric", help="loss | bpb: the value in the table of several models."),
@@ -142,11 +146,8 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
 def generate(model_dir: str = typer.Argument(..., help="A saved model or adapter directory."),
              prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
              max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens generated."),
-             greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
-             temperature: float = typer.Option(0.8, "--temperature", min=0.01, help=TEMPERATURE_HELP),
-             top_k: int = typer.Option(50, "--top-k", min=0, help=TOP_K_HELP),
-             seed: int = typer.Option(0, "--seed", help=SEED_HELP),
-             base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP)):
+             greedy: Greedy = False, temperature: Temperature = 0.8, top_k: TopK = 50, seed: Seed = 0,
+             base: Base = None):
     """Continue a prompt with a saved model."""
     from tunelab.commands.evaluate import generate_text
 
@@ -161,11 +162,8 @@ def chat(model_dir: str = typer.Argument(..., help="A saved model or adapter dir
                                                "exit; without it, each line of stdin is a message, until EOF."),
          system: Optional[str] = typer.Option(None, "--system", help="A system message to start the conversation."),
          max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Longest reply, in tokens."),
-         greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
-         temperature: float = typer.Option(0.8, "--temperature", min=0.01, help=TEMPERATURE_HELP),
-         top_k: int = typer.Option(50, "--top-k", min=0, help=TOP_K_HELP),
-         seed: int = typer.Option(0, "--seed", help=SEED_HELP),
-         base: Optional[str] = typer.Option(None, "--base", help=BASE_HELP)):
+         greedy: Greedy = False, temperature: Temperature = 0.8, top_k: TopK = 50, seed: Seed = 0,
+         base: Base = None):
     """Talk to a model through its chat template (the built-in one if its tokenizer has none)."""
     from tunelab.commands.chat import chat as converse, stdin_messages
 
