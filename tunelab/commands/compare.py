@@ -11,7 +11,7 @@ draw too); `render_table` prints it.
 
 from __future__ import annotations
 
-from tunelab.eval.relative import ROLES, format_value, render_summaries
+from tunelab.eval.relative import cell_text, format_value, render_summaries
 
 
 # ---------------------------------------------------------------- printing
@@ -20,7 +20,6 @@ from tunelab.eval.relative import ROLES, format_value, render_summaries
 def render_table(table: dict, console=None) -> None:
     """Print the table, the per-run summary lines and the footnotes (rich; colours only on a terminal)."""
     from rich.table import Table
-    from rich.text import Text
 
     from tunelab.console import table_console
 
@@ -40,22 +39,9 @@ def render_table(table: dict, console=None) -> None:
         line = [row["domain"], row["role"]]
         if table["base"]:
             line.append(format_value(table["base"]["values"].get(row["domain"])))
-        for run in table["runs"]:
-            cell = row["cells"][run["name"]]
-            if cell is None or cell["value"] is None:
-                line.append(Text("-"))
-                continue
-            text = Text(format_value(cell["value"]))
-            if row["role"] == "mixed" and cell["role"] in ROLES:
-                text.append(f" {cell['role'][0].upper()}")
-            if cell["delta"] is not None:
-                known = cell["role"] in ROLES  # higher is worse for loss and bpb alike
-                style = ("red" if cell["delta"] > 0 else "green" if cell["delta"] < 0 else "") if known else ""
-                text.append(f" ({format_value(cell['delta'], signed=True)})", style=style)
-            elif run["has_start"] or table["base"]:
-                text.append(" (-)")
-            text.append(" *" if cell["worst"] else "  ", style="bold red")
-            line.append(text)
+        line += [cell_text(row["cells"][run["name"]], role_mark=row["role"] == "mixed",
+                           missing_delta=bool(run["has_start"] or table["base"]), colour_unknown=False)
+                 for run in table["runs"]]
         grid.add_row(*line)
     console.print(grid)
     mixed = ["role mixed: the runs disagree; T/R after a value is the domain's role in that run"] \

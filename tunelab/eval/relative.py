@@ -267,10 +267,31 @@ def render_summaries(table: dict, console, model: str, no_deltas: bool = False, 
         console.print(note, style="dim", markup=False, highlight=False)
 
 
+def cell_text(cell: dict | None, role_mark: bool = False, missing_delta: bool = False, colour_unknown: bool = True):
+    """One printed cell: the value, its delta (red: rose, green: fell; higher is worse for loss and bpb alike)
+    and the worst-forgetting star. `role_mark`: T/R after the value (a row whose runs disagree on its role);
+    `missing_delta`: "(-)" where the column has deltas but this cell none; `colour_unknown`: colour the delta of
+    a cell whose role is unknown too."""
+    from rich.text import Text
+
+    if cell is None or cell["value"] is None:
+        return Text("-")
+    text = Text(format_value(cell["value"]))
+    if role_mark and cell["role"] in ROLES:
+        text.append(f" {cell['role'][0].upper()}")
+    if cell["delta"] is not None:
+        coloured = colour_unknown or cell["role"] in ROLES
+        style = ("red" if cell["delta"] > 0 else "green" if cell["delta"] < 0 else "") if coloured else ""
+        text.append(f" ({format_value(cell['delta'], signed=True)})", style=style)
+    elif missing_delta:
+        text.append(" (-)")
+    text.append(" *" if cell["worst"] else "  ", style="bold red")
+    return text
+
+
 def render_relative(table: dict, console=None) -> None:
     """Print the table (domains x models, delta from the base in brackets), per-model summaries, footnotes."""
     from rich.table import Table
-    from rich.text import Text
 
     from tunelab.console import table_console
 
@@ -289,17 +310,7 @@ def render_relative(table: dict, console=None) -> None:
         line = [row["domain"], row["role"], row["split"]]
         if base:
             line.append(format_value(base["values"].get(row["domain"])))
-        for run in table["runs"]:
-            cell = row["cells"][run["name"]]
-            if cell is None or cell["value"] is None:
-                line.append(Text("-"))
-                continue
-            text = Text(format_value(cell["value"]))
-            if cell["delta"] is not None:
-                style = "red" if cell["delta"] > 0 else "green" if cell["delta"] < 0 else ""
-                text.append(f" ({format_value(cell['delta'], signed=True)})", style=style)
-            text.append(" *" if cell["worst"] else "  ", style="bold red")
-            line.append(text)
+        line += [cell_text(row["cells"][run["name"]]) for run in table["runs"]]
         grid.add_row(*line)
     console.print(grid)
     render_summaries(table, console, "model")
