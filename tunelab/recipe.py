@@ -50,16 +50,17 @@ def check_training_recipe(cfg, source: str):
     except ConfigError as err:
         raise ConfigError(err.args[0] if err.args[0].startswith(source) else f"{source}: {err}") from None
     if encoder is not None and encoder != (objective.model_kind == "encoder"):
-        raise ConfigError(f"{source}: objective.name: {objective.name} trains {'an encoder' if not encoder else 'a causal LM'}"
-                          f", but the starting model is {'an encoder: use mlm' if encoder else 'a causal LM: use clm'} "
-                          "(or leave objective.name unset)")
+        trains, start = ("a causal LM", "an encoder: use mlm") if encoder else ("an encoder", "a causal LM: use clm")
+        raise ConfigError(f"{source}: objective.name: {objective.name} trains {trains}, but the starting model is "
+                          f"{start} (or leave objective.name unset)")
     pair = f"method {method.name} with objective {objective.name}"
     why = objective.refusal(method)
     if why:
         raise ConfigError(f"{source}: objective.name: {pair} cannot work: {why}")
     why = method.gradient_checkpointing_refusal() if cfg.train.gradient_checkpointing else None
     if why:
-        raise ConfigError(f"{source}: train.gradient_checkpointing: not with method {method.name}: {why}; set it to false")
+        raise ConfigError(f"{source}: train.gradient_checkpointing: not with method {method.name}: {why}; "
+                          "set it to false")
     if cfg.train.loss_chunk_tokens is not None:
         for who, why in ((f"method {method.name}", method.chunked_loss_refusal()),
                          (f"objective {objective.name}", objective.chunked_loss_refusal())):
@@ -78,7 +79,7 @@ def _create(cls, options: dict, where: str):
 
 def _check_data(cfg, objective, source: str) -> None:
     """Preference objectives train on pairs, the language-modelling ones on text (and chat, causal only)."""
-    from tunelab.objectives import OBJECTIVES
+    from tunelab.objectives import OBJECTIVES, objective_class
 
     pairs = [s.source for s in cfg.data.train if s.format == "preference"]
     if objective.data_format == "preference" and not pairs:
@@ -86,7 +87,7 @@ def _check_data(cfg, objective, source: str) -> None:
                           "with format: preference (rows with prompt or messages, chosen, rejected; or "
                           "builtin:preference)")
     if pairs and objective.data_format != "preference":
-        preference = [n for n in OBJECTIVES if n in ("dpo", "simpo", "orpo")]
+        preference = [n for n in OBJECTIVES if objective_class(n).data_format == "preference"]
         raise ConfigError(f"{source}: data.train: {pairs[0]} holds preference pairs: train them with objective "
                           f"{' | '.join(preference)} (objective {objective.name} trains on text and chat data)")
     replayed = cfg.data.replay.sources if cfg.data.replay is not None else []

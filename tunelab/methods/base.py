@@ -15,8 +15,6 @@ The loop in train/loop.py calls these hooks, in this order, and nothing method-s
                method.after_backward(model, step)        # e.g. mask gradients (sparse fine-tuning)
                optimizer.step()
                method.after_step(model, step)            # e.g. re-apply pruning masks
-    log steps: method.metrics() -> {name: value}          # logged with the train event; on every process:
-                                                         #   it may all-reduce
     checkpoint: method.state_dict()      -> JSON (state.json)
                 method.tensor_state()    -> tensors (method.safetensors): masks, index sets
                 method.weights_to_save(model) -> None: the whole model; a dict: only these tensors
@@ -148,10 +146,6 @@ class Method:
     def chunked_loss_refusal(self) -> str | None:
         """Why train.loss_chunk_tokens cannot be used with this method (None: it can)."""
         return None
-
-    def metrics(self) -> dict[str, float]:
-        """Extra training metrics since the last log step (called on every process, so it may all-reduce)."""
-        return {}
 
     # ---- checkpoints
     def state_dict(self) -> dict:

@@ -55,7 +55,8 @@ def run_training(cfg, out: Path | None = None, resume: bool = False, quiet: bool
         from tunelab.train.chunked_loss import check_reproduces_model_loss
 
         check_reproduces_model_loss(model, len(tokenizer), cfg.train.loss_chunk_tokens, d.device)
-    for aux in {**method.aux_models(), **objective.aux_models()}.values():  # a teacher or reference: on our device, frozen, in eval mode
+    # A teacher or reference: on our device, frozen, in eval mode.
+    for aux in {**method.aux_models(), **objective.aux_models()}.values():
         aux.module.to(d.device).eval().requires_grad_(False)
     setup.seed_everything(setup.rank_seed(cfg.train.seed, d.rank))  # dropout streams differ per process
     batches = training_data.packed_batches(cfg, data, tokenizer, d, objective)

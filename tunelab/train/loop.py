@@ -25,8 +25,8 @@ from tunelab.train.precision import autocast_dtype
 from tunelab.train.schedules import lr_multiplier
 
 
-def train(model, method, objective, batches, evaluate, cfg, config_yaml: str, run, d, ctx, resume_from: Path | None = None,
-          init_from: Path | None = None, progress=None, log=print) -> dict:
+def train(model, method, objective, batches, evaluate, cfg, config_yaml: str, run, d, ctx,
+          resume_from: Path | None = None, init_from: Path | None = None, progress=None, log=print) -> dict:
     """Train `model` (already prepared and on ctx.device) with `method` on `batches`, `objective`'s loss.
 
     `evaluate(model, step) -> {domain: metrics}` runs on rank 0; `config_yaml` goes into checkpoints.
@@ -168,8 +168,7 @@ def train(model, method, objective, batches, evaluate, cfg, config_yaml: str, ru
                      "tokens_per_s": round(tok_s, 1)}
             if grad_norm is not None:
                 event["grad_norm"] = float(grad_norm)
-            event.update(method.metrics())  # collectives: every process calls both
-            event.update(objective.metrics())  # e.g. DPO's rewards
+            event.update(objective.metrics())  # e.g. DPO's rewards (a collective: every process calls it)
             if hasattr(batches, "source_tokens"):  # what each source (replay included) actually contributed
                 event["source_tokens"] = batches.source_tokens()
             run.log(event)
