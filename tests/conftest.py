@@ -61,20 +61,26 @@ def last_logged_step(metrics: Path) -> int:
     return max((e["step"] for e in read_metrics(metrics) if e.get("event") == "train"), default=0)
 
 
+def wait_until_logged(proc, out: Path, step: int, interval: float = 0.005) -> None:
+    """Wait until the run in `out` (started as `proc`) has logged `step`; fail if it ends first or takes > 300 s."""
+    import time
+
+    deadline = time.time() + 300
+    while last_logged_step(out / "metrics.jsonl") < step:
+        assert proc.poll() is None, f"the run ended before it reached step {step}: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, f"the run did not reach step {step}"
+        time.sleep(interval)
+
+
 def run_and_sigkill(command: str, recipe: Path, out: Path, after_step: int, *extra: str) -> int:
     """Start `tunelab COMMAND RECIPE --out OUT`, SIGKILL it once it has logged `after_step`; returns the
     last step it logged. The exact-resume tests resume it and compare with an uninterrupted run."""
     import signal
-    import time
 
     proc = subprocess.Popen([sys.executable, "-m", "tunelab", command, str(recipe), "--out", str(out), "--quiet",
                              *extra], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    while last_logged_step(out / "metrics.jsonl") < after_step:
-        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "the run did not reach the step to kill it at"
-        time.sleep(0.005)
+    wait_until_logged(proc, out, after_step)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return last_logged_step(out / "metrics.jsonl")

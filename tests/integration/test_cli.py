@@ -7,12 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
-from conftest import REPO, last_logged_step, run_cli
+from conftest import REPO, last_logged_step, run_cli, wait_until_logged
 
 
 @pytest.mark.parametrize("args, message", [
@@ -83,11 +82,7 @@ def _interrupt_after(recipe, out, step: int) -> subprocess.CompletedProcess:
     proc = subprocess.Popen([sys.executable, "-m", "tunelab", "pretrain", str(recipe), "--out", str(out)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    while last_logged_step(out / "metrics.jsonl") < step:
-        assert proc.poll() is None, f"the run ended before it was interrupted: {proc.stderr.read()[-2000:]}"
-        assert time.time() < deadline, "the run did not reach the step to interrupt it at"
-        time.sleep(0.01)
+    wait_until_logged(proc, out, step, interval=0.01)
     os.kill(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
