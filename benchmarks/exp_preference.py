@@ -65,9 +65,9 @@ def recipes(seed: int, k, where: Path) -> dict:
                 "train": {"max_steps": k(150), "micro_batch_size": 16, "lr": 1e-3, "weight_decay": 0.0,
                           "schedule": schedule, "eval_max_tokens": 128 * 1000, **every}},
         "dpo": {"kind": "finetune", "name": "dpo", **preference,
-                "method": {"name": "dpo", "options": {"beta": 0.1, "tuning": lora}}},
+                "objective": {"name": "dpo", "options": {"beta": 0.1}}, "method": lora},
         "simpo": {"kind": "finetune", "name": "simpo", **preference,
-                  "method": {"name": "simpo", "options": {"beta": 2.0, "gamma": 1.0, "tuning": lora}}},
+                  "objective": {"name": "simpo", "options": {"beta": 2.0, "gamma": 1.0}}, "method": lora},
     }
 
 
