@@ -195,7 +195,7 @@ def main() -> None:
         child(args)
         return
 
-    import tokenizers
+    import tokenizers as hf_tokenizers
     import transformers
 
     from tunelab import runs, tokenizers
@@ -204,7 +204,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="tunelab-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {runs.cpu_name()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-          f"tokenizers {tokenizers.__version__}, transformers {transformers.__version__}")
+          f"tokenizers {hf_tokenizers.__version__}, transformers {transformers.__version__}")
     print(f"working in {work}")
     try:
         start = time.perf_counter()

@@ -68,6 +68,7 @@ def main() -> None:
 
     from tunelab import models
     from tunelab.methods import create_method
+    from tunelab.objectives import create_objective
     from tunelab.config import dump_config
     from tunelab.methods.base import MethodContext
     from tunelab.stages.setup import seed_everything
@@ -91,15 +92,17 @@ def main() -> None:
     model = models.build_model(cfg.model.preset, tokenizer, cfg.model.overrides, cfg.model.attn_implementation)
     run = open_run_dir(work / "run", resume=False)
     method = create_method(cfg.method.name, cfg.method.options)
+    objective = create_objective(cfg.objective.name, cfg.objective.options)
     ctx = MethodContext(device=d.device, dist=d, recipe=cfg, tokenizer=tokenizer, max_steps=cfg.train.max_steps,
-                        seed=cfg.train.seed)
+                        seed=cfg.train.seed, objective=objective)
     model = method.prepare(model, ctx).to(d.device)
+    objective.prepare(model, ctx)
 
     print("load of other processes:", f"{bench.wait_for_quiet(120):.0%}")
     with profile(activities=[ProfilerActivity.CPU], with_stack=True, record_shapes=False,
                  schedule=schedule(wait=0, warmup=args.skip, active=args.active, repeat=1)) as prof:
         progress = ProfilerProgress(prof)
-        train(model, method, batches, lambda m, s: {}, cfg, dump_config(cfg), run, d, ctx, progress=progress,
+        train(model, method, objective, batches, lambda m, s: {}, cfg, dump_config(cfg), run, d, ctx, progress=progress,
               log=lambda *a: None)
     step_s = [b - a for a, b in zip(progress.marks, progress.marks[1:])]
     recorded = step_s[args.skip:args.skip + args.active]

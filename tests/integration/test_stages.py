@@ -85,15 +85,13 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def micro_batch_counts(cfg) -> list[int]:
     """Target counts of step 0's micro-batches, from the same set-up the stage uses."""
-    from tunelab.objectives import create_objective
     from tunelab.stages import setup, training_data
     from tunelab.train.dist import Dist
 
     cache = resolve_cache_dir(cfg.data.cache_dir)
     tok = setup.resolve_tokenizer(cfg, cache, log=lambda *a: None)
     data = training_data.build_data(cfg, tok, cache, log=lambda *a: None)
-    objective = create_objective(cfg.objective.name, cfg.objective.options)
-    return [count for _, count in training_data.packed_batches(cfg, data, tok, Dist(), objective).next(0)]
+    return [count for _, count in training_data.packed_batches(cfg, data, tok, Dist()).next(0)]
 
 
 @pytest.mark.parametrize("case", ["clm-loss-mask", "mlm"])

@@ -159,10 +159,14 @@ def mixture_plan(cfg, data: TrainingData) -> tuple[list[float], list[tuple[int, 
     return combined({s.domain: s.weight for s in cfg.data.train}), phases
 
 
-def packed_batches(cfg, data: TrainingData, tokenizer, d, objective):
-    """The default batch source: pairs for a preference source, else text windows labelled for `objective`."""
+def packed_batches(cfg, data: TrainingData, tokenizer, d, objective=None):
+    """The default batch source: pairs for a preference source, else text windows labelled for `objective`
+    (default: the recipe's, as the training stage creates it)."""
     from tunelab.data import Mixture
+    from tunelab.objectives import create_objective
     from tunelab.train.batches import PackedBatches, PreferenceBatches
+
+    objective = objective or create_objective(cfg.objective.name, cfg.objective.options)
 
     tc = cfg.train
     if any(s.spec.format == "preference" for s in data.sources):  # the recipe checks refuse mixing them with text
