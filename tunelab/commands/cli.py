@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
+from tunelab.commands.cli_help import (DEFAULT_EVAL, OUT_HELP, QUIET_HELP, RECIPE_HELP, RESUME_HELP,
+                                       SET_HELP, Base, Greedy, Seed, Temperature, TopK, quiet_transformers,
+                                       stderr)
 from tunelab.errors import TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,24 +34,6 @@ def _print_version(value: bool) -> None:
 def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                           help="Print the version and exit.")):
     pass
-
-
-SET_HELP = "Override a recipe value by dotted path, e.g. --set train.max_steps=100 (value parsed as YAML)."
-DEFAULT_EVAL = ["builtin:prose", "builtin:code", "builtin:tests"]
-BASE_HELP = "For an adapter directory: its base model, if it moved since training."
-
-
-RECIPE_HELP = "Recipe YAML file, or the name of a shipped recipe."
-OUT_HELP = "Run directory (default runs/<recipe name>)."
-QUIET_HELP = "No progress bar or log lines."
-# The sampling options `generate` and `chat` share (and `--base`, which eval takes too).
-Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of sampling.")]
-Temperature = Annotated[float, typer.Option("--temperature", min=0.01,
-                                            help="Sampling temperature (lower: closer to greedy).")]
-TopK = Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0: all).")]
-Seed = Annotated[int, typer.Option("--seed", help="Sampling seed.")]
-Base = Annotated[Optional[str], typer.Option("--base", help=BASE_HELP)]
-RESUME_HELP = "Continue the same run from its newest intact checkpoint (the recipe must not change, bar safe keys)."
 
 
 def _train(kind: str, recipe: str, set_: list[str], out: Optional[Path], resume: bool, quiet: bool) -> None:
@@ -120,8 +105,8 @@ def eval_(model_dirs: list[str] = typer.Argument(..., metavar="MODEL_DIR...",
     table with each model's change against the base; multiple-choice tasks; generation quality."""
     from tunelab.commands.evaluate import evaluate_model, evaluate_suite, render_eval, render_suite
 
-    _no_transformers_bars()
-    log = (lambda *a: None) if (quiet or as_json) else _stderr
+    quiet_transformers()
+    log = (lambda *a: None) if (quiet or as_json) else stderr
     if len(model_dirs) > 1 or relative_to or task or generation:
         options = {"sources": data or DEFAULT_EVAL, "prompts": prompts, "prompt_tokens": prompt_tokens,
                    "max_new_tokens": max_new_tokens} if generation else None
@@ -151,7 +136,7 @@ def generate(model_dir: str = typer.Argument(..., help="A saved model or adapter
     """Continue a prompt with a saved model."""
     from tunelab.commands.evaluate import generate_text
 
-    _no_transformers_bars()
+    quiet_transformers()
     print(generate_text(model_dir, prompt, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                         top_k=top_k, seed=seed, base=base))
 
@@ -167,10 +152,10 @@ def chat(model_dir: str = typer.Argument(..., help="A saved model or adapter dir
     """Talk to a model through its chat template (the built-in one if its tokenizer has none)."""
     from tunelab.commands.chat import chat as converse, stdin_messages
 
-    _no_transformers_bars()
+    quiet_transformers()
     messages = [message] if message is not None else stdin_messages(prompt=sys.stdin.isatty())
     for reply in converse(model_dir, messages, seed=seed, system=system, base=base, max_new_tokens=max_new_tokens,
-                          greedy=greedy, temperature=temperature, top_k=top_k, log=_stderr):
+                          greedy=greedy, temperature=temperature, top_k=top_k, log=stderr):
         print(reply, flush=True)
 
 
@@ -213,8 +198,8 @@ def export_(source: str = typer.Argument(..., metavar="RUN_OR_ADAPTER",
     """Write a standalone HF model directory (plain AutoModelForCausalLM loads it), with lineage.json."""
     from tunelab.commands.export import export_model
 
-    _no_transformers_bars()
-    export_model(source, out, merge=merge, base=base, log=(lambda *a: None) if quiet else _stderr)
+    quiet_transformers()
+    export_model(source, out, merge=merge, base=base, log=(lambda *a: None) if quiet else stderr)
     print(out)
 
 
@@ -253,9 +238,9 @@ def analyze(base: str = typer.Argument(..., metavar="BASE", help="The model it w
     from tunelab.commands.analyze import analyze as run_analysis
     from tunelab.commands.analyze import render_analysis
 
-    _no_transformers_bars()
+    quiet_transformers()
     result = run_analysis(base, tuned, top_k=top_k, threshold=threshold,
-                          log=(lambda *a: None) if (quiet or as_json) else _stderr)
+                          log=(lambda *a: None) if (quiet or as_json) else stderr)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -319,7 +304,7 @@ def average(run: Path = typer.Argument(..., help="A run directory with checkpoin
     from tunelab.stages.average import cli_recipe, run_average
 
     cfg = cli_recipe(run, last=last, steps=parse_steps(steps) if steps is not None else None, name=out.name)
-    print(run_average(cfg, out=out, quiet=quiet, log=_stderr))
+    print(run_average(cfg, out=out, quiet=quiet, log=stderr))
 
 
 @app.command()
@@ -344,10 +329,10 @@ def merge(args: list[str] = typer.Argument(..., metavar="RECIPE | MODEL_DIR...",
     scored against its parents on held-out data; lineage.json lists every input."""
     from tunelab.stages.merge import cli_recipe, run_merge
 
-    _no_transformers_bars()
+    quiet_transformers()
     cfg = cli_recipe(args, method=method, base=base, weights=weights, density=density, seed=seed, data=data,
                      overrides=set_, name=out.name if out else None)
-    print(run_merge(cfg, out=out, quiet=quiet, log=_stderr))
+    print(run_merge(cfg, out=out, quiet=quiet, log=stderr))
 
 
 @app.command()
@@ -376,10 +361,10 @@ def prune(target: str = typer.Argument(..., metavar="RECIPE | MODEL_DIR",
     Prints a sparsity report and size, speed and held-out loss before and after."""
     from tunelab.stages.prune import cli_recipe, run_prune
 
-    _no_transformers_bars()
+    quiet_transformers()
     cfg = cli_recipe(target, method=method, sparsity=sparsity, count=count, data=data, criterion=criterion,
                      scope=scope, overrides=set_, name=out.name if out else None)
-    print(run_prune(cfg, out=out, resume=resume, quiet=quiet, log=_stderr))
+    print(run_prune(cfg, out=out, resume=resume, quiet=quiet, log=stderr))
 
 
 @app.command()
@@ -401,15 +386,19 @@ def anneal(run: Path = typer.Argument(..., help="The run to branch from (its che
     run_anneal(run, from_, steps, shape=shape, out=out, overrides=set_, resume=resume, quiet=quiet)
 
 
-def _no_transformers_bars() -> None:
-    """transformers 5 draws a "Loading weights" bar on every load, which would land between our lines."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+# The second half's commands live in their own modules (tunelab/commands/NAME.py), each with
+# register(app) adding its command(s): a new command is one entry here, not more lines in this file.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
-def _stderr(*parts) -> None:
-    print(*parts, file=sys.stderr)
+def _register_command_modules() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"tunelab.commands.{name}").register(app)
+
+
+_register_command_modules()
 
 
 def main() -> None:
