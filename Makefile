@@ -26,10 +26,10 @@ quickstart: venv
 	$(BIN)/tunelab quickstart
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"
 
 bench: venv
 	$(BIN)/python benchmarks/bench_throughput.py

@@ -17,6 +17,10 @@ os.environ.setdefault("TUNELAB_CACHE", tempfile.mkdtemp(prefix="tunelab-test-cac
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Under pytest-xdist (`make test` runs one worker per core) each worker and the CLI subprocesses it starts
+# use one thread: two workers with two threads each on two cores would only fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 
